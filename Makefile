@@ -1,0 +1,69 @@
+# chat-doctor: `make demo` (set-up + one fine-tuning run through Prefect), `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# A CPU build of torch: found locally on machines that carry one; elsewhere pass
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu (the default index serves a multi-GB CUDA build).
+TORCH_INDEX ?=
+PREFECT_PORT ?= 4200
+export PREFECT_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
+export PYTHONPATH := $(CURDIR)
+STATE := .local
+
+.PHONY: demo test lint format server serve stop mlflow-ui clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+demo: $(BIN)/.installed server serve
+	$(BIN)/prefect deployment run finetune/default --watch
+	@echo
+	@echo "Prefect UI (flow runs, task logs, the result artifact): http://127.0.0.1:$(PREFECT_PORT)"
+	@echo "MLflow UI (params, loss curve, registered adapter):    $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db"
+	@echo "Run again:  $(BIN)/prefect deployment run finetune/default --param overrides='{\"train.max_steps\": 20}'"
+	@echo "Stop the Prefect server and the flow server: make stop"
+
+test: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+# A local Prefect server, started only if none answers at PREFECT_API_URL.
+server: $(BIN)/.installed
+	@mkdir -p $(STATE)
+	@if curl -sf $(PREFECT_API_URL)/health >/dev/null; then echo "Prefect server answers at $(PREFECT_API_URL)"; else \
+	  echo "Starting a Prefect server on 127.0.0.1:$(PREFECT_PORT) (log: $(STATE)/prefect-server.log)"; \
+	  nohup $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) >$(STATE)/prefect-server.log 2>&1 & \
+	  echo $$! >$(STATE)/prefect-server.pid; \
+	  for i in $$(seq 120); do curl -sf $(PREFECT_API_URL)/health >/dev/null && break; sleep 1; done; \
+	  curl -sf $(PREFECT_API_URL)/health >/dev/null || { echo "Prefect server did not start; see $(STATE)/prefect-server.log"; exit 1; }; fi
+
+# Serves the `finetune/default` deployment from this folder (runs flow runs as they are requested).
+serve: $(BIN)/.installed server
+	@if [ -f $(STATE)/serve.pid ] && kill -0 $$(cat $(STATE)/serve.pid) 2>/dev/null; then echo "finetune/default is being served"; else \
+	  echo "Serving finetune/default (log: $(STATE)/serve.log)"; \
+	  nohup $(BIN)/python -m flows.deploy >$(STATE)/serve.log 2>&1 & echo $$! >$(STATE)/serve.pid; \
+	  for i in $$(seq 120); do $(BIN)/prefect deployment inspect finetune/default >/dev/null 2>&1 && break; sleep 1; done; \
+	  $(BIN)/prefect deployment inspect finetune/default >/dev/null 2>&1 || { echo "deployment did not appear; see $(STATE)/serve.log"; exit 1; }; fi
+
+stop:
+	-@for p in serve prefect-server; do [ -f $(STATE)/$$p.pid ] && kill $$(cat $(STATE)/$$p.pid) 2>/dev/null; rm -f $(STATE)/$$p.pid; done; echo stopped
+
+mlflow-ui: $(BIN)/.installed
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1
+
+clean: stop
+	rm -rf runs models mlflow.db mlartifacts dvc-remote $(STATE)

@@ -1,0 +1,267 @@
+"""One typed config for the whole pipeline, read from params.yaml and validated once.
+
+Resolution order (later wins): the preset named by `preset` -> the sections of params.yaml ->
+dotted overrides such as `train.max_steps=20`. Every error names the key to change.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+PARAMS_FILE = "params.yaml"
+# Data outputs tracked by DVC (dvc.yaml names the same folders).
+PROCESSED_DIR = Path("data/processed")
+TOKENIZED_DIR = Path("data/tokenized")
+TINY = "tiny"  # the embedded base model, built offline from a fixed seed
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key and the value."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    base: str = Field(TINY, description="`tiny` (embedded), a hub id, or a local folder.")
+    revision: str | None = Field(None, description="Hub revision (commit, tag) of `base`.")
+    load_in_4bit: bool = Field(True, description="QLoRA: base weights in 4 bit. False = plain LoRA, more memory.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="nf4 suits normally distributed weights.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants: ~0.4 bit/param saved.")
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="auto = bf16 on GPUs that have it, else fp16; float32 on CPU."
+    )
+    trust_remote_code: bool = Field(False, description="Run code shipped with a hub model. Keep off unless needed.")
+
+    @field_validator("base")
+    @classmethod
+    def _base_exists(cls, value: str) -> str:
+        if value == TINY:
+            return value
+        looks_local = value.startswith(("/", ".", "~")) or Path(value).expanduser().exists()
+        if looks_local:
+            path = Path(value).expanduser()
+            if not (path / "config.json").is_file():
+                raise ValueError(f"{value!r} is not a model folder (no config.json there)")
+            return value
+        if not HUB_ID.match(value):
+            raise ValueError(f"{value!r} is neither `tiny`, a hub id like org/name, nor an existing folder")
+        return value
+
+
+class DataConfig(_Section):
+    source: str = Field(
+        "data/raw/synthetic_healthcaremagic.jsonl",
+        description="Hub dataset id, or a local .json/.jsonl/.csv/.parquet file or save_to_disk folder.",
+    )
+    revision: str | None = Field(None, description="Hub dataset revision; pin it for reproducibility.")
+    split: str = Field("train", description="Split of a hub dataset (or of a DatasetDict folder).")
+    rows: int = Field(400, gt=0, description="Rows sampled from the source (before the split).")
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="Share of the sample held out for evaluation.")
+    seed: int = Field(42, description="Sampling and split seed: same seed + same source = same files.")
+
+
+class TokenizeConfig(_Section):
+    template: Literal["original", "mistral-inst"] = Field(
+        "original", description="`original`: the Chat-Doctor prompt; `mistral-inst`: [INST] ... [/INST]."
+    )
+    max_length: int = Field(512, ge=16, description="Tokens per row incl. EOS; longer answers are cut, EOS kept.")
+    loss_on: Literal["completion", "all"] = Field(
+        "completion", description="completion = prompt tokens masked (learn answers, not questions)."
+    )
+
+
+class LoraConfig(_Section):
+    r: int = Field(16, gt=0, description="Adapter rank: capacity vs adapter size and memory.")
+    alpha: int = Field(32, gt=0, description="Scale = alpha / r; 2x r is the usual choice.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        description="Linear layers that get an adapter; all of them trains best.",
+    )
+
+
+class TrainConfig(_Section):
+    max_steps: int = Field(60, gt=0, description="Optimizer steps.")
+    micro_batch_size: int = Field(4, gt=0, description="Rows per forward pass; halve it on out-of-memory.")
+    grad_accum: int = Field(2, gt=0, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(2e-3, gt=0, lt=1, description="Peak learning rate.")
+    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    optim: str = Field("auto", description="auto = paged_adamw_8bit on CUDA, adamw_torch on CPU.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations: far less memory, ~30% slower. On for big models."
+    )
+    logging_steps: int = Field(5, gt=0)
+    save_steps: int = Field(20, gt=0, description="Checkpoint every K steps (resume point after a crash).")
+    save_total_limit: int = Field(2, gt=0, description="Checkpoints kept.")
+    seed: int = 42
+
+
+class MergeConfig(_Section):
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Full-precision base the adapter is merged into; auto = bf16 on GPU, fp32 on CPU."
+    )
+
+
+class EvaluateConfig(_Section):
+    batch_size: int = Field(8, gt=0, description="Rows per eval forward pass.")
+    samples: int = Field(3, ge=0, description="Eval prompts answered by base and tuned model, for the report.")
+    max_new_tokens: int = Field(48, gt=0, description="Generation limit per sample answer.")
+    repetition_penalty: float = Field(1.15, ge=1.0, description="The original notebook's setting.")
+
+
+class RegisterConfig(_Section):
+    experiment: str = Field("chat-doctor", min_length=1, description="MLflow experiment.")
+    model_name: str = Field("chat-doctor-adapter", min_length=1, description="Registered model name.")
+    alias: str = Field("candidate", min_length=1, description="Alias moved to each new version.")
+
+
+class Config(_Section):
+    preset: str = Field("cpu-tiny", description="Defaults the sections start from.")
+    runs_dir: str = Field("runs", description="Where checkpoints, adapters, merged models and reports go.")
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    tokenize: TokenizeConfig = TokenizeConfig()
+    lora: LoraConfig = LoraConfig()
+    train: TrainConfig = TrainConfig()
+    merge: MergeConfig = MergeConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    registry: RegisterConfig = RegisterConfig()
+
+
+# Presets hold only what differs from the field defaults above (which are `cpu-tiny`).
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu-tiny": {},
+    # The original Chat-Doctor recipe on one GPU.
+    "mistral-7b": {
+        "model": {"base": "mistralai/Mistral-7B-v0.1"},
+        "data": {"source": "lavita/ChatDoctor-HealthCareMagic-100k", "rows": 5000},
+        "tokenize": {"max_length": 512},
+        "lora": {"r": 32, "alpha": 64, "dropout": 0.05},
+        "train": {
+            "max_steps": 500,
+            "micro_batch_size": 4,
+            "grad_accum": 1,
+            "learning_rate": 2.5e-4,
+            "optim": "paged_adamw_8bit",
+            "gradient_checkpointing": True,
+            "logging_steps": 10,
+            "save_steps": 50,
+            "save_total_limit": 3,
+        },
+        "evaluate": {"batch_size": 16, "samples": 8, "max_new_tokens": 125},
+    },
+}
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def cli_overrides(items: list[str]) -> dict[str, Any]:
+    """`["train.max_steps=20"]` -> `{"train.max_steps": 20}`; values parse as YAML."""
+    flat: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.max_steps=20")
+        flat[key] = yaml.safe_load(raw) if raw else ""
+    return flat
+
+
+def parse_overrides(items: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    """Dotted overrides (`KEY=VALUE` strings or a {key: value} dict) -> nested dict."""
+    flat = cli_overrides(items) if isinstance(items, list) else dict(items or {})
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r} conflicts with another override")
+        node[leaf] = value
+    return nested
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key `{key}`")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{source}: `{key}` = {e.get('input')!r}: {msg}")
+    return "\n".join(lines)
+
+
+def build_config(raw: dict[str, Any], source: str = PARAMS_FILE) -> Config:
+    """Preset defaults + `raw` -> validated Config. `raw` may name a preset."""
+    preset = raw.get("preset", "cpu-tiny")
+    if preset not in PRESETS:
+        raise ConfigError(f"{source}: `preset` = {preset!r}: choose one of {sorted(PRESETS)}")
+    try:
+        return Config.model_validate(deep_merge(PRESETS[preset], raw))
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found (run from the project root)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return raw
+
+
+def load_config(path: str | Path = PARAMS_FILE, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    raw = deep_merge(read_params(path), parse_overrides(overrides))
+    source = f"{path}" + (" + overrides" if overrides else "")
+    return build_config(raw, source)
+
+
+def flatten(config: Config) -> dict[str, Any]:
+    """Dotted keys -> values, e.g. {"train.max_steps": 60}, for MLflow params."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}.{key}" if prefix else key, value)
+        else:
+            out[prefix] = node
+
+    walk("", config.model_dump())
+    return out
+
+
+def section_hash(*sections: BaseModel) -> str:
+    """Stable hash of config sections, for cache keys and run folders."""
+    payload = json.dumps([s.model_dump() for s in sections], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()

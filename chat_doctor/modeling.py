@@ -1,0 +1,77 @@
+"""Loading the base model and tokenizer the same way for every step and the chat UI.
+
+`model.base` is `tiny` (the embedded model), a hub id, or a local folder. QLoRA loads it in 4 bit
+through bitsandbytes (on CUDA and on the CPU alike); merging and evaluation load it in full precision.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from chat_doctor.config import TINY, ModelConfig
+
+
+def base_location(cfg: ModelConfig) -> str:
+    """What `from_pretrained` gets: a local folder, or a hub id (resolved from the local cache offline)."""
+    if cfg.base == TINY:
+        from chat_doctor.embedded import ensure_tiny_model
+
+        return str(ensure_tiny_model())
+    return str(Path(cfg.base).expanduser()) if Path(cfg.base).expanduser().exists() else cfg.base
+
+
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(name: str):
+    """`auto` -> bf16 where the GPU supports it, fp16 on older GPUs (T4), fp32 on the CPU."""
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_tokenizer(cfg: ModelConfig, location: str | None = None):
+    """The base's tokenizer, with a pad token that is NOT eos (pad = eos would mask every EOS)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        location or base_location(cfg), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise ValueError(f"{cfg.base}: the tokenizer has no pad token besides EOS; the model could not learn to stop")
+    return tokenizer
+
+
+def load_base_model(cfg: ModelConfig, *, quantized: bool, dtype_name: str | None = None):
+    """The base model, 4-bit (NF4 by default) for training, or full precision for merge and eval."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    compute_dtype = resolve_dtype(dtype_name or cfg.compute_dtype)
+    kwargs = {}
+    if quantized and cfg.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=cfg.quant_type,
+            bnb_4bit_use_double_quant=cfg.double_quant,
+            bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_quant_storage=compute_dtype,
+        )
+    model = AutoModelForCausalLM.from_pretrained(
+        base_location(cfg),
+        revision=cfg.revision,
+        dtype=compute_dtype,
+        device_map={"": device()},
+        trust_remote_code=cfg.trust_remote_code,
+        use_safetensors=True,  # never unpickle weights
+        **kwargs,
+    )
+    return model

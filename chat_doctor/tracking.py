@@ -1,0 +1,90 @@
+"""MLflow helpers: one run per flow run; steps log into it by run id.
+
+Default store: `sqlite:///mlflow.db` at the project root with artifacts in `mlartifacts/` beside it;
+any tracking server through `MLFLOW_TRACKING_URI`. Browse with `mlflow ui --backend-store-uri
+sqlite:///mlflow.db`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+DEFAULT_DB = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / DEFAULT_DB}"
+
+
+def client():
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    return mlflow.MlflowClient(tracking_uri())
+
+
+def experiment_id(name: str) -> str:
+    """The experiment's id, created with its artifacts beside the local store when it is new."""
+    mlflow_client = client()
+    found = mlflow_client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if tracking_uri().startswith("sqlite:"):
+        location = (Path.cwd() / ARTIFACTS_DIR).as_uri()
+    return mlflow_client.create_experiment(name, artifact_location=location)
+
+
+def git_commit() -> str:
+    """HEAD's commit, with `-dirty` when tracked files have uncommitted changes; `unknown` outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.strip() + ("-dirty" if dirty.strip() else "")
+
+
+def start_run(experiment: str, run_name: str, params: dict, tags: dict) -> str:
+    """Create the flow run's MLflow run with the whole config as params; return its id."""
+    from mlflow.entities import Param
+
+    mlflow_client = client()
+    run = mlflow_client.create_run(experiment_id(experiment), run_name=run_name, tags=tags)
+    items = [Param(key, str(value)) for key, value in sorted(params.items())]
+    for start in range(0, len(items), 100):  # the store takes at most 100 params a batch
+        mlflow_client.log_batch(run.info.run_id, params=items[start : start + 100])
+    mlflow_client.set_tag(run.info.run_id, "mlflow.source.git.commit", tags.get("git_commit", "unknown"))
+    return run.info.run_id
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client().log_batch(run_id, metrics=[Metric(key, float(value), now, step or 0) for key, value in metrics.items()])
+
+
+def set_tags(run_id: str, tags: dict) -> None:
+    from mlflow.entities import RunTag
+
+    client().log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
+
+
+def end_run(run_id: str, status: str = "FINISHED") -> None:
+    client().set_terminated(run_id, status=status)
+
+
+def fail_runs_of(flow_run_id: str) -> None:
+    """Mark the MLflow runs of a failed Prefect flow run FAILED, so none looks finished."""
+    mlflow_client = client()
+    experiments = [e.experiment_id for e in mlflow_client.search_experiments()]
+    query = f"tags.`prefect.flow_run_id` = '{flow_run_id}' and attributes.status = 'RUNNING'"
+    for run in mlflow_client.search_runs(experiments, filter_string=query):
+        mlflow_client.set_terminated(run.info.run_id, status="FAILED")

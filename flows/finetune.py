@@ -1,0 +1,154 @@
+"""The `finetune` flow: sample -> tokenize -> (DVC) -> train -> merge -> evaluate -> register.
+
+Run locally:        python -m flows.finetune [data.source=PATH train.max_steps=20 ...]
+Through Prefect:    prefect deployment run finetune/default --param overrides='{"train.max_steps": 20}'
+
+Tasks exchange paths and ids, never models or datasets. The data steps are cached on the content
+of their inputs and their config section (not on run ids), so a retry or a rerun with the same
+inputs skips them; training resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from chat_doctor.config import PARAMS_FILE, Config, cli_overrides, flatten, load_config, section_hash
+from chat_doctor.files import content_hash
+from chat_doctor.lineage import data_overrides, record_data_stages, write_params
+from chat_doctor.tracking import end_run, fail_runs_of, git_commit, set_tags, start_run, tracking_uri
+from tasks.evaluate import run_evaluate
+from tasks.merge import run_merge
+from tasks.register import run_register
+from tasks.sample import run_sample
+from tasks.tokenize import run_tokenize
+from tasks.train import run_train
+
+
+def _key(*parts: str) -> str:
+    # The project folder is part of every key: outputs live there, and another clone has its own.
+    return hashlib.sha256("|".join([str(Path.cwd()), *parts]).encode()).hexdigest()
+
+
+def _source_key(ctx, params) -> str:
+    cfg = params["cfg"]
+    local = Path(cfg.source).expanduser()
+    source = content_hash(local) if local.exists() else f"{cfg.source}@{cfg.revision}:{cfg.split}"
+    return _key("sample", section_hash(cfg), source)
+
+
+def _tokenize_key(ctx, params) -> str:
+    processed = params["processed"]
+    inputs = [content_hash(Path(processed[s])) for s in ("train", "eval")]
+    return _key("tokenize", section_hash(params["cfg"], params["model_cfg"]), *inputs)
+
+
+@task(name="prepare-config")
+def prepare_config(params_file: str, overrides: dict[str, Any]) -> Config:
+    """Validate params.yaml + overrides (errors name the key) before anything is loaded."""
+    cfg = load_config(params_file, overrides)
+    # Data overrides go to params.yaml, as `dvc exp run -S` does, so dvc.lock stays truthful.
+    changed = write_params(Path(params_file), data_overrides(overrides))
+    if changed:
+        print(f"{params_file} updated for DVC: {', '.join(changed)}")
+    return cfg
+
+
+@task(name="start-tracking", cache_key_fn=lambda ctx, p: _key("mlflow-run", str(flow_run.id)), persist_result=True)
+def start_tracking(cfg: Config) -> str:
+    tags = {"git_commit": git_commit(), "prefect.flow_run_id": str(flow_run.id), "base_model": cfg.model.base}
+    run_id = start_run(cfg.registry.experiment, str(flow_run.name), flatten(cfg), tags)
+    print(f"MLflow run {run_id} at {tracking_uri()}")
+    return run_id
+
+
+@task(name="sample", cache_key_fn=_source_key, persist_result=True)
+def sample(cfg) -> dict[str, str]:
+    return run_sample(cfg)
+
+
+@task(name="tokenize", cache_key_fn=_tokenize_key, persist_result=True)
+def tokenize(cfg, model_cfg, processed: dict[str, str]) -> dict[str, str]:
+    return run_tokenize(cfg, model_cfg, processed)
+
+
+@task(name="version-data")
+def version_data(run_id: str) -> dict[str, str]:
+    hashes = record_data_stages()
+    set_tags(run_id, {f"dvc.{path}": md5 for path, md5 in hashes.items()})
+    return {f"dvc.{path}": md5 for path, md5 in hashes.items()}
+
+
+@task(name="train")
+def train(cfg: Config, tokenized: dict[str, str], run_id: str) -> dict[str, str]:
+    return run_train(cfg, tokenized, run_id)
+
+
+@task(name="merge")
+def merge(cfg: Config, adapter: str) -> dict[str, str]:
+    return run_merge(cfg, adapter)
+
+
+@task(name="evaluate")
+def evaluate(cfg: Config, tokenized: dict, processed: dict, merged: dict, run_id: str) -> dict[str, str]:
+    return run_evaluate(cfg, tokenized["eval"], processed["eval"], merged["merged"], run_id)
+
+
+@task(name="register")
+def register(cfg: Config, run_id: str, adapter: str, report: dict, lineage: dict) -> dict:
+    lineage = {
+        **lineage,
+        "git_commit": git_commit(),
+        "prefect.flow_run_id": str(flow_run.id),
+        "config_hash": section_hash(cfg)[:16],
+    }
+    registered = run_register(cfg, run_id, adapter, report["report"], lineage)
+    end_run(run_id)
+    figures = json.loads(Path(report["report"]).read_text())
+    create_markdown_artifact(
+        key="finetune-result",
+        markdown=_summary(registered, figures, run_id),
+        description="Registered adapter and its eval figures",
+    )
+    return registered
+
+
+def _summary(registered: dict, figures: dict, run_id: str) -> str:
+    rows = "\n".join(f"| {m} | {figures[m]['loss']:.4f} | {figures[m]['perplexity']:.1f} |" for m in ("base", "tuned"))
+    return (
+        f"## {registered['name']} v{registered['version']}\n\nLoad: `{registered['uri']}`  \n"
+        f"MLflow run: `{run_id}` ({tracking_uri()})\n\n| model | eval loss | perplexity |\n|---|---|---|\n{rows}\n"
+    )
+
+
+def _mark_mlflow_failed(flow_, flow_run_, state) -> None:
+    fail_runs_of(str(flow_run_.id))
+
+
+@flow(name="finetune", log_prints=True, on_failure=[_mark_mlflow_failed], on_crashed=[_mark_mlflow_failed])
+def finetune(overrides: dict[str, Any] | None = None, params_file: str = PARAMS_FILE) -> dict:
+    """Fine-tune the base on the sampled data and register the adapter. `overrides`: dotted keys."""
+    cfg = prepare_config(params_file, overrides or {})
+    run_id = start_tracking(cfg)
+    processed = sample(cfg.data)
+    tokenized = tokenize(cfg.tokenize, cfg.model, processed)
+    lineage = version_data(run_id, wait_for=[tokenized])
+    trained = train(cfg, tokenized, run_id)
+    merged = merge(cfg, trained["adapter"])
+    report = evaluate(cfg, tokenized, processed, merged, run_id)
+    return register(cfg, run_id, trained["adapter"], report, lineage)
+
+
+def main(argv: list[str] | None = None) -> None:
+    print(finetune(overrides=cli_overrides(sys.argv[1:] if argv is None else argv)))
+
+
+if __name__ == "__main__":
+    main()

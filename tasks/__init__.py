@@ -1,0 +1,1 @@
+"""Pipeline steps. Each module is one step: plain functions that take a config section and paths."""
