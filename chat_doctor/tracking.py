@@ -77,6 +77,10 @@ def set_tags(run_id: str, tags: dict) -> None:
     client().log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
 
 
+def run_tags(run_id: str) -> dict[str, str]:
+    return client().get_run(run_id).data.tags
+
+
 def end_run(run_id: str, status: str = "FINISHED") -> None:
     client().set_terminated(run_id, status=status)
 

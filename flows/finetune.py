@@ -23,7 +23,7 @@ from prefect.runtime import flow_run
 from chat_doctor.config import PARAMS_FILE, Config, cli_overrides, flatten, load_config, section_hash
 from chat_doctor.files import content_hash
 from chat_doctor.lineage import data_overrides, record_data_stages, write_params
-from chat_doctor.tracking import end_run, fail_runs_of, git_commit, set_tags, start_run, tracking_uri
+from chat_doctor.tracking import end_run, fail_runs_of, git_commit, run_tags, set_tags, start_run, tracking_uri
 from tasks.evaluate import run_evaluate
 from tasks.merge import run_merge
 from tasks.register import run_register
@@ -92,7 +92,7 @@ def train(cfg: Config, tokenized: dict[str, str], run_id: str) -> dict[str, str]
 
 
 @task(name="merge")
-def merge(cfg: Config, adapter: str) -> dict[str, str]:
+def merge(cfg: Config, adapter: str) -> dict:
     return run_merge(cfg, adapter)
 
 
@@ -105,7 +105,7 @@ def evaluate(cfg: Config, tokenized: dict, processed: dict, merged: dict, run_id
 def register(cfg: Config, run_id: str, adapter: str, report: dict, lineage: dict) -> dict:
     lineage = {
         **lineage,
-        "git_commit": git_commit(),
+        "git_commit": run_tags(run_id).get("git_commit", "unknown"),  # as it was when the run started
         "prefect.flow_run_id": str(flow_run.id),
         "config_hash": section_hash(cfg)[:16],
     }

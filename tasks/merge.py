@@ -13,15 +13,38 @@ from chat_doctor.config import Config
 from chat_doctor.files import atomic_dir
 from chat_doctor.modeling import load_base_model, load_tokenizer
 
+# Largest |logit difference| allowed between the merged model and base + adapter, per dtype.
+TOLERANCE = {"torch.float32": 1e-3, "torch.bfloat16": 0.25, "torch.float16": 0.05}
+CHECK_TEXT = "### Patient query: I have had a dry cough for a week. \n### Doctor opinion: Hi, rest and drink fluids."
 
-def run_merge(cfg: Config, adapter: str) -> dict[str, str]:
-    """Merge `adapter` into the base; return {"merged": folder}."""
+
+class MergeMismatch(RuntimeError):
+    """The merged weights do not reproduce base + adapter: nothing is written."""
+
+
+def _logits(model, tokenizer):
+    import torch
+
+    batch = tokenizer(CHECK_TEXT, return_tensors="pt").to(model.device)
+    with torch.no_grad():
+        return model(**batch).logits.float()
+
+
+def run_merge(cfg: Config, adapter: str) -> dict:
+    """Merge `adapter` into the base, check the logits, save; return {"merged": folder, "max_logit_diff"}."""
     from peft import PeftModel
 
+    tokenizer = load_tokenizer(cfg.model, adapter)
     base = load_base_model(cfg.model, quantized=False, dtype_name=cfg.merge.dtype)
-    merged_model = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+    with_adapter = PeftModel.from_pretrained(base, adapter)
+    before = _logits(with_adapter, tokenizer)
+    merged_model = with_adapter.merge_and_unload()
+    diff = (before - _logits(merged_model, tokenizer)).abs().max().item()
+    tolerance = TOLERANCE[str(merged_model.dtype)]
+    if not diff <= tolerance:
+        raise MergeMismatch(f"merged logits differ from base + adapter by {diff:.3g} (> {tolerance}): not saved")
     out = Path(adapter).parent / "merged"
     with atomic_dir(out) as staging:
         merged_model.save_pretrained(staging, safe_serialization=True)
-        load_tokenizer(cfg.model, adapter).save_pretrained(staging)
-    return {"merged": str(out)}
+        tokenizer.save_pretrained(staging)
+    return {"merged": str(out), "max_logit_diff": diff}

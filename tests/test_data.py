@@ -1,0 +1,154 @@
+"""Data steps: sampling from each source format, reproducibility, clear errors, tokenization."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from chat_doctor.config import DataConfig, ModelConfig, TokenizeConfig
+from chat_doctor.files import read_jsonl
+from chat_doctor.synthetic import generate
+from tasks.sample import DataError, run_sample
+from tasks.tokenize import IGNORE_INDEX, load_split, run_tokenize, tokenize_row
+from tests.conftest import REAL_ROWS, needs_real_rows
+
+
+@pytest.fixture
+def rows():
+    return generate(60, seed=3)
+
+
+def _write_sources(folder: Path, rows: list[dict]) -> dict[str, Path]:
+    import datasets
+
+    ds = datasets.Dataset.from_list(rows)
+    paths = {
+        "jsonl": folder / "rows.jsonl",
+        "json": folder / "rows.json",
+        "csv": folder / "rows.csv",
+        "parquet": folder / "rows.parquet",
+        "disk": folder / "rows_disk",
+    }
+    paths["jsonl"].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    paths["json"].write_text(json.dumps(rows))
+    ds.to_csv(str(paths["csv"]), index=False)
+    ds.to_parquet(str(paths["parquet"]))
+    ds.save_to_disk(str(paths["disk"]))
+    return paths
+
+
+def test_synthetic_sample_is_deterministic_and_in_schema():
+    first, second = generate(300, seed=0), generate(300, seed=0)
+    assert first == second
+    assert all(set(row) == {"instruction", "input", "output"} for row in first)
+    assert len({row["input"] for row in first}) > 250  # varied, not one row repeated
+    committed = read_jsonl(Path(__file__).resolve().parents[1] / "data/raw/synthetic_healthcaremagic.jsonl")
+    assert committed == generate(400, seed=0)
+
+
+def test_every_local_format_gives_the_same_sample(tmp_path, rows):
+    outputs = {}
+    for name, path in _write_sources(tmp_path, rows).items():
+        paths = run_sample(DataConfig(source=str(path), rows=40, eval_fraction=0.25), tmp_path / f"out-{name}")
+        outputs[name] = (Path(paths["train"]).read_bytes(), Path(paths["eval"]).read_bytes())
+    assert len(set(outputs.values())) == 1
+    train = read_jsonl(tmp_path / "out-jsonl" / "train.jsonl")
+    evaluation = read_jsonl(tmp_path / "out-jsonl" / "eval.jsonl")
+    assert (len(train), len(evaluation)) == (30, 10)
+    assert not {r["input"] for r in train} & {r["input"] for r in evaluation}
+
+
+def test_sampling_is_reproducible_and_seeded(tmp_path, rows):
+    source = _write_sources(tmp_path, rows)["jsonl"]
+    a = run_sample(DataConfig(source=str(source), rows=20, seed=1), tmp_path / "a")
+    b = run_sample(DataConfig(source=str(source), rows=20, seed=1), tmp_path / "b")
+    c = run_sample(DataConfig(source=str(source), rows=20, seed=2), tmp_path / "c")
+    for name in ("train", "eval", "report"):
+        assert Path(a[name]).read_bytes() == Path(b[name]).read_bytes()
+    assert Path(a["train"]).read_bytes() != Path(c["train"]).read_bytes()
+
+
+def test_invalid_rows_are_dropped_and_counted(tmp_path, rows):
+    rows = [*rows[:10], {"instruction": "x", "input": "  ", "output": "answer"}, {"input": "q", "output": None}]
+    source = tmp_path / "rows.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    paths = run_sample(DataConfig(source=str(source), rows=10, eval_fraction=0.2), tmp_path / "out")
+    report = json.loads(Path(paths["report"]).read_text())
+    assert report["dropped"] == {"empty input": 1, "empty output": 1}
+    assert report["source_rows"] == 12 and report["train_rows"] == 8
+
+
+@pytest.mark.parametrize(
+    ("make_source", "cfg", "message"),
+    [
+        (lambda d: d / "missing.jsonl", {}, "data.source: '{src}' does not exist"),
+        (lambda d: _text(d / "rows.txt", "hi"), {}, "unsupported file type"),
+        (lambda d: _text(d / "rows.jsonl", '{"input": "q"}\n'), {}, "missing column(s) ['output']"),
+        (lambda d: _text(d / "rows.jsonl", '{"input": "q", "output": "a"}\n'), {"rows": 5}, "data.rows = 5 is larger"),
+        (lambda d: _text(d / "rows.jsonl", "{not json\n"), {}, "cannot be read as json"),
+    ],
+)
+def test_bad_sources_name_the_problem(tmp_path, make_source, cfg, message):
+    source = make_source(tmp_path)
+    with pytest.raises(DataError) as err:
+        run_sample(DataConfig(source=str(source), **{"rows": 1, **cfg}), tmp_path / "out")
+    assert message.format(src=source) in str(err.value)
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def _text(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from chat_doctor.modeling import load_tokenizer
+
+    return load_tokenizer(ModelConfig(), str(tiny_model_dir))
+
+
+def test_tokenizer_is_mistral_v1_with_a_pad_that_is_not_eos(tokenizer):
+    assert tokenizer("Hello doctor").input_ids == [1, 22557, 6676]
+    assert len(tokenizer) == 32000
+    assert tokenizer.eos_token_id == 2 and tokenizer.pad_token_id == 0
+
+
+def test_labels_keep_eos_and_mask_the_prompt(tokenizer):
+    row = {"input": "I have a cough.", "output": "Hi, take rest and drink water."}
+    ids, labels, status = tokenize_row(tokenizer, TokenizeConfig(), row)
+    assert status is None
+    assert ids[-1] == labels[-1] == tokenizer.eos_token_id
+    answer = [i for i, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX]
+    assert tokenizer.decode(answer, skip_special_tokens=True) == row["output"]
+    assert labels[0] == IGNORE_INDEX
+    _, all_labels, _ = tokenize_row(tokenizer, TokenizeConfig(loss_on="all"), row)
+    assert all_labels == ids
+
+
+def test_truncation_keeps_eos(tokenizer):
+    row = {"input": "short question", "output": "word " * 200}
+    ids, labels, status = tokenize_row(tokenizer, TokenizeConfig(max_length=64), row)
+    assert status == "truncated"
+    assert len(ids) == 64 and ids[-1] == labels[-1] == tokenizer.eos_token_id
+    _, _, status = tokenize_row(tokenizer, TokenizeConfig(max_length=16), {"input": "q " * 50, "output": "a"})
+    assert status == "dropped"
+
+
+def test_run_tokenize_writes_arrow_splits_and_report(tmp_path, project):
+    processed = run_sample(DataConfig(rows=50), tmp_path / "processed")
+    paths = run_tokenize(TokenizeConfig(max_length=256), ModelConfig(), processed, tmp_path / "tok")
+    train = load_split(paths["train"])
+    assert len(train) + json.loads(Path(paths["report"]).read_text())["splits"]["train"]["dropped"] == 45
+    pairs = zip(train["input_ids"], train["labels"], strict=True)
+    assert all(ids[-1] == 2 and labels[-1] == 2 for ids, labels in pairs)
+    report = json.loads(Path(paths["report"]).read_text())
+    assert report["splits"]["eval"]["rows"] == 5
+    assert 0 < report["splits"]["train"]["padding_share_if_padded"] < 1
+
+
+@needs_real_rows()
+def test_real_rows_sample_from_save_to_disk_folder(tmp_path):
+    paths = run_sample(DataConfig(source=str(REAL_ROWS), rows=400, eval_fraction=0.1), tmp_path / "out")
+    assert len(read_jsonl(Path(paths["train"]))) == 360
+    assert not list(REAL_ROWS.glob("cache-*"))  # the shared folder is left as it was

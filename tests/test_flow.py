@@ -1,0 +1,130 @@
+"""The `finetune` flow end to end on the embedded default, under a real (temporary) Prefect server,
+with the project's own DVC repo and MLflow store: values, files and registry entries."""
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter
+
+from chat_doctor.config import flatten, load_config
+from chat_doctor.tracking import tracking_uri
+from tests.conftest import REAL_ROWS, needs_real_rows
+
+pytestmark = pytest.mark.slow
+FAST = {"train.max_steps": 10, "train.logging_steps": 2, "train.save_steps": 5, "evaluate.samples": 2}
+
+
+def task_states(flow_run_id) -> dict[str, str]:
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [flow_run_id]}))
+    return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
+
+
+def dvc_status() -> dict:
+    from dvc.repo import Repo
+
+    with Repo(".") as repo:
+        return repo.status()
+
+
+def test_flow_trains_registers_and_versions_data(project, prefect_server):
+    from flows.finetune import finetune
+
+    state = finetune(overrides=FAST, return_state=True)
+    assert state.is_completed(), state.message
+    expected = {"name": "chat-doctor-adapter", "version": 1, "uri": "models:/chat-doctor-adapter@candidate"}
+    assert state.result() == expected
+
+    client = mlflow.MlflowClient(tracking_uri())
+    assert tracking_uri() == f"sqlite:///{project / 'mlflow.db'}"
+    version = client.get_model_version_by_alias("chat-doctor-adapter", "candidate")
+    assert int(version.version) == 1
+    run = client.get_run(version.run_id)
+    assert run.info.status == "FINISHED"
+    # The whole config is on the run as params.
+    cfg = load_config("params.yaml", FAST)
+    assert {k: str(v) for k, v in flatten(cfg).items()}.items() <= run.data.params.items()
+    # Train loss per logging step, with no gap.
+    losses = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in losses] == [2, 4, 6, 8, 10]
+    assert losses[-1].value < losses[0].value
+    # Eval: tuned beats base, and the report on disk says the same as MLflow.
+    metrics = run.data.metrics
+    assert metrics["eval/tuned_loss"] < metrics["eval/base_loss"]
+    run_dir = next(Path("runs").glob("run-*"))
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    assert report["tuned"]["loss"] == pytest.approx(metrics["eval/tuned_loss"])
+    assert len((run_dir / "eval" / "samples.jsonl").read_text().splitlines()) == 2
+    # Checkpoints every 5 steps, adapter and merged model on disk.
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-10", "checkpoint-5"]
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run_dir / "merged" / "model.safetensors").is_file()
+    # Lineage: dvc.lock's data hashes, the flow run and the commit are on the version.
+    lock = yaml.safe_load(Path("dvc.lock").read_text())["stages"]
+    for stage, path in (("sample", "data/processed"), ("tokenize", "data/tokenized")):
+        assert version.tags[f"dvc.{path}"] == lock[stage]["outs"][0]["md5"]
+        assert run.data.tags[f"dvc.{path}"] == lock[stage]["outs"][0]["md5"]
+    assert version.tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)
+    assert len(version.tags["git_commit"]) >= 40
+    assert dvc_status() == {}
+    assert list(Path("dvc-remote").rglob("*")), "dvc push left the default remote empty"
+    # The registered adapter loads back from the alias, with the trained weights.
+    loaded = mlflow.transformers.load_model("models:/chat-doctor-adapter@candidate", return_type="components")
+    from safetensors.torch import load_file
+
+    saved = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    lora_b = next(k for k in saved if "lora_B" in k)
+    assert saved[lora_b].abs().sum() > 0  # lora_B starts at zero: non-zero means it trained
+    live = dict(loaded["model"].named_parameters())
+    assert any(name.endswith(lora_b.removesuffix(".weight") + ".default.weight") for name in live)
+
+    # Same inputs again: the data steps come from Prefect's cache, training resumes at its end.
+    again = finetune(overrides=FAST, return_state=True)
+    assert again.is_completed()
+    states = task_states(again.state_details.flow_run_id)
+    assert states["sample"] == "Cached" and states["tokenize"] == "Cached"
+    assert again.result()["version"] == 2
+    assert int(client.get_model_version_by_alias("chat-doctor-adapter", "candidate").version) == 2
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"lora.r": 0}, "`lora.r` = 0"),
+        ({"model.base": "./no-such-model"}, "`model.base` = './no-such-model'"),
+        ({"data.rows": 100000}, "data.rows = 100000 is larger than the source (400 rows"),
+    ],
+)
+def test_bad_config_fails_before_training(project, prefect_server, overrides, message):
+    from flows.finetune import finetune
+
+    state = finetune(overrides={**FAST, **overrides}, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match=message.replace("(", r"\(").replace("`", "`")):
+        state.result()
+    assert not Path("runs").exists()  # no training started
+    client = mlflow.MlflowClient(tracking_uri())
+    assert client.search_registered_models() == []
+    for run in client.search_runs([e.experiment_id for e in client.search_experiments()]):
+        assert run.info.status == "FAILED"
+
+
+@needs_real_rows()
+def test_flow_on_real_rows(project, prefect_server):
+    from flows.finetune import finetune
+
+    overrides = {**FAST, "data.source": str(REAL_ROWS), "data.rows": 120, "train.micro_batch_size": 2}
+    state = finetune(overrides=overrides, return_state=True)
+    assert state.is_completed(), state.message
+    client = mlflow.MlflowClient(tracking_uri())
+    version = client.get_model_version_by_alias("chat-doctor-adapter", "candidate")
+    assert float(version.tags["eval.tuned.loss"]) < float(version.tags["eval.base.loss"])
+    # The data override went to params.yaml, so dvc.lock describes the real rows.
+    assert yaml.safe_load(Path("params.yaml").read_text())["data"]["source"] == str(REAL_ROWS)
+    assert dvc_status() == {}
+    report = json.loads(Path("data/processed/report.json").read_text())
+    assert (report["source_rows"], report["train_rows"], report["eval_rows"]) == (400, 108, 12)
