@@ -23,9 +23,15 @@ from tasks.tokenize import IGNORE_INDEX, load_split
 
 
 def run_dir_for(cfg: Config, tokenized: dict[str, str]) -> Path:
-    """The run folder: same data + same model/LoRA/train settings = same folder (so it resumes)."""
+    """The run folder: same data + same model/LoRA/train settings = same folder (so a rerun resumes).
+
+    The micro-batch split is left out on purpose: after out-of-memory, micro_batch_size halves and
+    grad_accum doubles, the effective batch stays, and training must resume in the same folder.
+    """
+    train = cfg.train.model_dump(exclude={"micro_batch_size", "grad_accum"})
+    train["effective_batch"] = cfg.train.micro_batch_size * cfg.train.grad_accum
     key = hashlib.sha256(
-        (section_hash(cfg.model, cfg.lora, cfg.train) + content_hash(Path(tokenized["train"]))).encode()
+        json.dumps([section_hash(cfg.model, cfg.lora), train, content_hash(Path(tokenized["train"]))]).encode()
     )
     return Path(cfg.runs_dir) / f"run-{key.hexdigest()[:12]}"
 

@@ -1,0 +1,75 @@
+"""Model behaviour on the tiny base: 4-bit QLoRA trains the adapter only, resumes, and merges exactly."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from chat_doctor.config import load_config
+from chat_doctor.files import content_hash
+from tasks.merge import run_merge
+from tasks.sample import run_sample
+from tasks.tokenize import run_tokenize
+from tasks.train import run_train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def trained(project):
+    cfg = load_config(
+        "params.yaml",
+        {"data.rows": 40, "train.max_steps": 4, "train.save_steps": 2, "train.logging_steps": 1, "lora.r": 4},
+    )
+    processed = run_sample(cfg.data)
+    tokenized = run_tokenize(cfg.tokenize, cfg.model, processed)
+    base_hash = content_hash(Path("models/tiny-mistral"))
+    return cfg, tokenized, run_train(cfg, tokenized), base_hash
+
+
+def test_base_loads_in_4bit_through_bitsandbytes(project):
+    import bitsandbytes as bnb
+
+    from chat_doctor.modeling import load_base_model
+
+    model = load_base_model(load_config("params.yaml").model, quantized=True)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, bnb.nn.Linear4bit)
+    assert q_proj.weight.quant_state.quant_type == "nf4"
+    assert q_proj.weight.dtype == torch.float32  # packed 4-bit storage in the compute dtype
+
+
+def test_training_changes_the_adapter_and_not_the_base(trained):
+    _cfg, _, out, base_hash = trained
+    weights = load_file(Path(out["adapter"]) / "adapter_model.safetensors")
+    lora_b = [w for name, w in weights.items() if "lora_B" in name]
+    assert len(lora_b) == 4 * 7  # every target module of every layer has an adapter
+    assert all(w.abs().sum() > 0 for w in lora_b)  # B starts at zero; all of them moved
+    assert content_hash(Path("models/tiny-mistral")) == base_hash
+    saved_cfg = json.loads((Path(out["adapter"]) / "chat_doctor_config.json").read_text())
+    assert saved_cfg["lora"]["r"] == 4
+
+
+def test_rerun_resumes_from_the_last_checkpoint(trained):
+    cfg, tokenized, out, _ = trained
+    assert sorted(p.name for p in (Path(out["run_dir"]) / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    again = run_train(cfg, tokenized)
+    assert again["run_dir"] == out["run_dir"]
+    assert again["resumed_from"].endswith("checkpoint-4")
+
+
+def test_merged_weights_equal_base_plus_lora_delta(trained):
+    cfg, _, out, _ = trained
+    merged = run_merge(cfg, out["adapter"])
+    assert merged["max_logit_diff"] < 1e-3
+    base = load_file("models/tiny-mistral/model.safetensors")
+    adapter = load_file(Path(out["adapter"]) / "adapter_model.safetensors")
+    result = load_file(Path(merged["merged"]) / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj"
+    a = next(w for k, w in adapter.items() if f"{name}.lora_A" in k)
+    b = next(w for k, w in adapter.items() if f"{name}.lora_B" in k)
+    expected = base[f"{name}.weight"] + (cfg.lora.alpha / cfg.lora.r) * b @ a
+    torch.testing.assert_close(result[f"{name}.weight"], expected, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(result[f"{name}.weight"], base[f"{name}.weight"])
