@@ -13,7 +13,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export PYTHONPATH := $(CURDIR)
 STATE := .local
 
-.PHONY: demo test lint format server serve stop mlflow-ui clean
+.PHONY: venv demo test lint server serve stop mlflow-ui clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
