@@ -50,6 +50,9 @@ server: $(BIN)/.installed
 	  echo $$! >$(STATE)/prefect-server.pid; \
 	  for i in $$(seq 120); do curl -sf $(PREFECT_API_URL)/health >/dev/null && break; sleep 1; done; \
 	  curl -sf $(PREFECT_API_URL)/health >/dev/null || { echo "Prefect server did not start; see $(STATE)/prefect-server.log"; exit 1; }; fi
+	@# So that plain `prefect ...` commands in any shell talk to this server, not a throw-away one.
+	@$(BIN)/prefect profile inspect 2>/dev/null | grep -q "PREFECT_API_URL='$(PREFECT_API_URL)'" || \
+	  $(BIN)/prefect config set PREFECT_API_URL=$(PREFECT_API_URL)
 
 # Serves the `finetune/default` deployment from this folder (runs flow runs as they are requested).
 serve: $(BIN)/.installed server

@@ -85,10 +85,25 @@ def end_run(run_id: str, status: str = "FINISHED") -> None:
     client().set_terminated(run_id, status=status)
 
 
-def fail_runs_of(flow_run_id: str) -> None:
-    """Mark the MLflow runs of a failed Prefect flow run FAILED, so none looks finished."""
+def _runs_of(flow_run_id: str, status: str | None = None) -> list:
     mlflow_client = client()
     experiments = [e.experiment_id for e in mlflow_client.search_experiments()]
-    query = f"tags.`prefect.flow_run_id` = '{flow_run_id}' and attributes.status = 'RUNNING'"
-    for run in mlflow_client.search_runs(experiments, filter_string=query):
-        mlflow_client.set_terminated(run.info.run_id, status="FAILED")
+    query = f"tags.`prefect.flow_run_id` = '{flow_run_id}'"
+    if status:
+        query += f" and attributes.status = '{status}'"
+    return mlflow_client.search_runs(experiments, filter_string=query)
+
+
+def reopen_run(flow_run_id: str) -> str | None:
+    """The MLflow run of an earlier attempt of this Prefect flow run, set RUNNING again; None if none."""
+    runs = _runs_of(flow_run_id)
+    if not runs:
+        return None
+    client().update_run(runs[0].info.run_id, status="RUNNING")
+    return runs[0].info.run_id
+
+
+def fail_runs_of(flow_run_id: str) -> None:
+    """Mark the MLflow runs of a failed Prefect flow run FAILED, so none looks finished."""
+    for run in _runs_of(flow_run_id, status="RUNNING"):
+        client().set_terminated(run.info.run_id, status="FAILED")

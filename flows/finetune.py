@@ -23,7 +23,16 @@ from prefect.runtime import flow_run
 from chat_doctor.config import PARAMS_FILE, Config, cli_overrides, flatten, load_config, section_hash
 from chat_doctor.files import content_hash
 from chat_doctor.lineage import data_overrides, record_data_stages, write_params
-from chat_doctor.tracking import end_run, fail_runs_of, git_commit, run_tags, set_tags, start_run, tracking_uri
+from chat_doctor.tracking import (
+    end_run,
+    fail_runs_of,
+    git_commit,
+    reopen_run,
+    run_tags,
+    set_tags,
+    start_run,
+    tracking_uri,
+)
 from tasks.evaluate import run_evaluate
 from tasks.merge import run_merge
 from tasks.register import run_register
@@ -61,10 +70,11 @@ def prepare_config(params_file: str, overrides: dict[str, Any]) -> Config:
     return cfg
 
 
-@task(name="start-tracking", cache_key_fn=lambda ctx, p: _key("mlflow-run", str(flow_run.id)), persist_result=True)
+@task(name="start-tracking")
 def start_tracking(cfg: Config) -> str:
+    """The flow run's MLflow run: created once, reopened when Prefect retries the flow run."""
     tags = {"git_commit": git_commit(), "prefect.flow_run_id": str(flow_run.id), "base_model": cfg.model.base}
-    run_id = start_run(cfg.registry.experiment, str(flow_run.name), flatten(cfg), tags)
+    run_id = reopen_run(str(flow_run.id)) or start_run(cfg.registry.experiment, str(flow_run.name), flatten(cfg), tags)
     print(f"MLflow run {run_id} at {tracking_uri()}")
     return run_id
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -59,8 +60,8 @@ def _training_args(cfg: Config, output_dir: Path):
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=_optimizer(t.optim),
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=t.logging_steps,
         save_strategy="steps",
         save_steps=t.save_steps,
@@ -101,6 +102,29 @@ def _mlflow_callback(run_id: str | None):
     return MlflowLogger()
 
 
+FAULT_ENV = "CHAT_DOCTOR_FAIL_AT_STEP"
+
+
+def _fault_injector(run_dir: Path):
+    """Fails training once at step $CHAT_DOCTOR_FAIL_AT_STEP (for retry tests and demos).
+
+    A marker in the run folder makes it one-shot, so the retry that follows runs through.
+    """
+    from transformers import TrainerCallback
+
+    step = int(os.environ.get(FAULT_ENV, "0"))
+    marker = run_dir / ".fault-injected"
+
+    class FaultInjector(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if step and state.global_step == step and not marker.exists():
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.touch()
+                raise RuntimeError(f"injected failure at step {step} ({FAULT_ENV})")
+
+    return FaultInjector()
+
+
 def latest_checkpoint(checkpoints: Path) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -133,7 +157,7 @@ def run_train(cfg: Config, tokenized: dict[str, str], mlflow_run_id: str | None 
         processing_class=tokenizer,
         # Pads ids with the pad token and labels with IGNORE_INDEX, so EOS labels stay trained.
         data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8),
-        callbacks=[_mlflow_callback(mlflow_run_id)],
+        callbacks=[_mlflow_callback(mlflow_run_id), _fault_injector(run_dir)],
     )
     resume = latest_checkpoint(checkpoints)
     result = trainer.train(resume_from_checkpoint=resume)

@@ -57,3 +57,63 @@ def test_deployment_run_with_overrides(project, prefect_server, tmp_path):
     assert params["data.source"] == str(source) and params["train.max_steps"] == "4"
     report = json.loads(Path("data/processed/report.json").read_text())
     assert (report["source_rows"], report["train_rows"]) == (120, 90)
+
+
+def test_flow_run_retry_skips_finished_steps_and_resumes(project, prefect_server):
+    """A run that fails mid-training, retried with `prefect flow-run retry`, completes: the data
+    steps come from the cache, training resumes from its checkpoint, the MLflow run is reused."""
+    from prefect.client.orchestration import get_client
+
+    from tests.test_flow import task_states
+
+    env = {**os.environ, "PREFECT_API_URL": prefect_server, "PYTHONPATH": str(project)}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "flows.deploy"],
+        env={**env, "CHAT_DOCTOR_FAIL_AT_STEP": "5"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    overrides = {"train.max_steps": 6, "train.save_steps": 3, "train.logging_steps": 1, "evaluate.samples": 1}
+    try:
+        deadline = time.time() + 120
+        while subprocess.run([BIN / "prefect", "deployment", "inspect", "finetune/default"], env=env).returncode:
+            assert time.time() < deadline and server.poll() is None, "the deployment never appeared"
+            time.sleep(2)
+        first = subprocess.run(
+            [
+                BIN / "prefect",
+                "deployment",
+                "run",
+                "finetune/default",
+                "--watch",
+                "--param",
+                f"overrides={json.dumps(overrides)}",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert first.returncode == 1 and "Failed" in first.stdout, first.stdout + first.stderr
+        with get_client(sync_client=True) as client:
+            flow_run = client.read_flow_runs()[0]
+        assert subprocess.run([BIN / "prefect", "flow-run", "retry", str(flow_run.id)], env=env).returncode == 0
+        deadline = time.time() + 600
+        while True:
+            with get_client(sync_client=True) as client:
+                state = client.read_flow_run(flow_run.id).state
+            if state.is_final():
+                break
+            assert time.time() < deadline, f"retry still {state.name}"
+            time.sleep(3)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    assert state.is_completed(), state.message
+    states = task_states(flow_run.id)
+    assert states["sample"] == "Cached" and states["tokenize"] == "Cached"
+    mlflow_client = mlflow.MlflowClient(tracking_uri())
+    runs = mlflow_client.search_runs([e.experiment_id for e in mlflow_client.search_experiments()])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    steps = [m.step for m in mlflow_client.get_metric_history(runs[0].info.run_id, "train/loss")]
+    assert steps == [1, 2, 3, 4, 4, 5, 6]  # steps 4 and 5 of the failed attempt are lost: resumed at 3

@@ -19,9 +19,11 @@ FAST = {"train.max_steps": 10, "train.logging_steps": 2, "train.save_steps": 5, 
 
 
 def task_states(flow_run_id) -> dict[str, str]:
+    """{task name: state name} for the latest attempt of a flow run (a retry is a new attempt)."""
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [flow_run_id]}))
-    return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
+    attempt = max(run.flow_run_run_count for run in runs)
+    return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs if run.flow_run_run_count == attempt}
 
 
 def dvc_status() -> dict:
