@@ -3,6 +3,7 @@ overrides passed as a deployment parameter."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -95,13 +96,12 @@ def test_flow_run_retry_skips_finished_steps_and_resumes(project, prefect_server
             timeout=600,
         )
         assert first.returncode == 1 and "Failed" in first.stdout, first.stdout + first.stderr
-        with get_client(sync_client=True) as client:
-            flow_run = client.read_flow_runs()[0]
-        assert subprocess.run([BIN / "prefect", "flow-run", "retry", str(flow_run.id)], env=env).returncode == 0
+        flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", first.stdout).group(1)
+        assert subprocess.run([BIN / "prefect", "flow-run", "retry", flow_run_id], env=env).returncode == 0
         deadline = time.time() + 600
         while True:
             with get_client(sync_client=True) as client:
-                state = client.read_flow_run(flow_run.id).state
+                state = client.read_flow_run(flow_run_id).state
             if state.is_final():
                 break
             assert time.time() < deadline, f"retry still {state.name}"
@@ -110,7 +110,7 @@ def test_flow_run_retry_skips_finished_steps_and_resumes(project, prefect_server
         server.terminate()
         server.wait(timeout=60)
     assert state.is_completed(), state.message
-    states = task_states(flow_run.id)
+    states = task_states(flow_run_id)
     assert states["sample"] == "Cached" and states["tokenize"] == "Cached"
     mlflow_client = mlflow.MlflowClient(tracking_uri())
     runs = mlflow_client.search_runs([e.experiment_id for e in mlflow_client.search_experiments()])
