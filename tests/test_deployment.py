@@ -1,5 +1,5 @@
-"""The `finetune/default` deployment, served as `make demo` serves it, run with the Prefect CLI and
-overrides passed as a deployment parameter."""
+"""The `finetune/default` deployment, served as `make demo` serves it, run and retried with the
+Prefect CLI, with overrides passed as a deployment parameter."""
 
 import json
 import os
@@ -7,49 +7,52 @@ import re
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
 import pytest
 
 from chat_doctor.tracking import tracking_uri
+from tests.test_flow import task_states
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 
 
-def test_deployment_run_with_overrides(project, prefect_server, tmp_path):
-    env = {**os.environ, "PREFECT_API_URL": prefect_server, "PYTHONPATH": str(project)}
-    source = tmp_path / "my_rows.jsonl"
-    rows = Path("data/raw/synthetic_healthcaremagic.jsonl").read_text().splitlines()[:120]
-    source.write_text("\n".join(rows) + "\n")
+@contextmanager
+def served_deployment(api_url: str, **extra_env: str):
+    """`python -m flows.deploy` in the project folder; yields the env for Prefect CLI calls."""
+    env = {**os.environ, "PREFECT_API_URL": api_url, "PYTHONPATH": str(Path.cwd())}
     server = subprocess.Popen(
-        [sys.executable, "-m", "flows.deploy"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+        [sys.executable, "-m", "flows.deploy"],
+        env={**env, **extra_env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
     )
     try:
         deadline = time.time() + 120
         while subprocess.run([BIN / "prefect", "deployment", "inspect", "finetune/default"], env=env).returncode:
             assert time.time() < deadline and server.poll() is None, "the deployment never appeared"
             time.sleep(2)
-        overrides = {"data.source": str(source), "data.rows": 100, "train.max_steps": 4, "evaluate.samples": 1}
-        run = subprocess.run(
-            [
-                BIN / "prefect",
-                "deployment",
-                "run",
-                "finetune/default",
-                "--watch",
-                "--param",
-                f"overrides={json.dumps(overrides)}",
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        yield env
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+def run_deployment(env: dict, overrides: dict) -> subprocess.CompletedProcess:
+    command = ["deployment", "run", "finetune/default", "--watch", "--param", f"overrides={json.dumps(overrides)}"]
+    return subprocess.run([BIN / "prefect", *command], env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_deployment_run_with_overrides(project, prefect_server, tmp_path):
+    source = tmp_path / "my_rows.jsonl"
+    rows = Path("data/raw/synthetic_healthcaremagic.jsonl").read_text().splitlines()[:120]
+    source.write_text("\n".join(rows) + "\n")
+    overrides = {"data.source": str(source), "data.rows": 100, "train.max_steps": 4, "evaluate.samples": 1}
+    with served_deployment(prefect_server) as env:
+        run = run_deployment(env, overrides)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "Completed" in run.stdout
     client = mlflow.MlflowClient(tracking_uri())
@@ -65,36 +68,9 @@ def test_flow_run_retry_skips_finished_steps_and_resumes(project, prefect_server
     steps come from the cache, training resumes from its checkpoint, the MLflow run is reused."""
     from prefect.client.orchestration import get_client
 
-    from tests.test_flow import task_states
-
-    env = {**os.environ, "PREFECT_API_URL": prefect_server, "PYTHONPATH": str(project)}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "flows.deploy"],
-        env={**env, "CHAT_DOCTOR_FAIL_AT_STEP": "5"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
     overrides = {"train.max_steps": 6, "train.save_steps": 3, "train.logging_steps": 1, "evaluate.samples": 1}
-    try:
-        deadline = time.time() + 120
-        while subprocess.run([BIN / "prefect", "deployment", "inspect", "finetune/default"], env=env).returncode:
-            assert time.time() < deadline and server.poll() is None, "the deployment never appeared"
-            time.sleep(2)
-        first = subprocess.run(
-            [
-                BIN / "prefect",
-                "deployment",
-                "run",
-                "finetune/default",
-                "--watch",
-                "--param",
-                f"overrides={json.dumps(overrides)}",
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+    with served_deployment(prefect_server, CHAT_DOCTOR_FAIL_AT_STEP="5") as env:
+        first = run_deployment(env, overrides)
         assert first.returncode == 1 and "Failed" in first.stdout, first.stdout + first.stderr
         flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", first.stdout).group(1)
         assert subprocess.run([BIN / "prefect", "flow-run", "retry", flow_run_id], env=env).returncode == 0
@@ -106,9 +82,6 @@ def test_flow_run_retry_skips_finished_steps_and_resumes(project, prefect_server
                 break
             assert time.time() < deadline, f"retry still {state.name}"
             time.sleep(3)
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
     assert state.is_completed(), state.message
     states = task_states(flow_run_id)
     assert states["sample"] == "Cached" and states["tokenize"] == "Cached"
@@ -116,4 +89,4 @@ def test_flow_run_retry_skips_finished_steps_and_resumes(project, prefect_server
     runs = mlflow_client.search_runs([e.experiment_id for e in mlflow_client.search_experiments()])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     steps = [m.step for m in mlflow_client.get_metric_history(runs[0].info.run_id, "train/loss")]
-    assert steps == [1, 2, 3, 4, 4, 5, 6]  # steps 4 and 5 of the failed attempt are lost: resumed at 3
+    assert steps == [1, 2, 3, 4, 4, 5, 6]  # failed during step 5; resumed from checkpoint-3, so 4 runs twice
