@@ -31,6 +31,7 @@ def write_params(params_file: Path, overrides: dict[str, Any]) -> list[str]:
 
     ruamel = YAML()
     ruamel.preserve_quotes = True
+    ruamel.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     doc = ruamel.load(params_file.read_text())
     changed = []
     for key, value in overrides.items():

@@ -15,8 +15,8 @@ from chat_doctor.config import Config
 from chat_doctor.files import read_jsonl, write_json, write_jsonl
 from chat_doctor.modeling import base_location, device, load_base_model, load_tokenizer, resolve_dtype
 from chat_doctor.prompts import build_prompt
+from chat_doctor.tokenized import IGNORE_INDEX, load_split
 from chat_doctor.tracking import log_metrics
-from tasks.tokenize import IGNORE_INDEX, load_split
 
 
 def eval_loss(model, tokenizer, dataset, batch_size: int) -> float:

@@ -13,16 +13,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import pyarrow as pa
-
 from chat_doctor.config import PROCESSED_DIR, TOKENIZED_DIR, ModelConfig, TokenizeConfig, load_config
-from chat_doctor.files import atomic_path, read_jsonl, write_json
+from chat_doctor.files import read_jsonl, write_json
 from chat_doctor.modeling import load_tokenizer
 from chat_doctor.prompts import build_example
+from chat_doctor.tokenized import IGNORE_INDEX, write_split
 
-IGNORE_INDEX = -100  # label value the loss skips
 MIN_ANSWER_TOKENS = 8  # rows whose prompt leaves less room than this are dropped, not trained on
-SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
 
 
 def tokenize_row(tokenizer, cfg: TokenizeConfig, row: dict) -> tuple[list[int], list[int], str | None]:
@@ -42,12 +39,6 @@ def tokenize_row(tokenizer, cfg: TokenizeConfig, row: dict) -> tuple[list[int], 
     if cfg.loss_on == "completion":
         labels[:n_prompt] = [IGNORE_INDEX] * n_prompt
     return ids, labels, status
-
-
-def _write_split(path: Path, columns: dict[str, list]) -> None:
-    table = pa.table(columns, schema=SCHEMA)
-    with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, SCHEMA) as writer:
-        writer.write_table(table)
 
 
 def run_tokenize(
@@ -77,18 +68,11 @@ def run_tokenize(
         # The share of compute the original recipe spent on padding (every row padded to max_length).
         counts["padding_share_if_padded"] = round(1 - counts["tokens"] / (counts["rows"] * cfg.max_length), 4)
         paths[split] = out_dir / f"{split}.arrow"
-        _write_split(paths[split], columns)
+        write_split(paths[split], columns)
         report["splits"][split] = counts
     paths["report"] = out_dir / "report.json"
     write_json(paths["report"], report)
     return {name: str(path) for name, path in paths.items()}
-
-
-def load_split(path: str):
-    """A tokenized split as a memory-mapped `datasets.Dataset`."""
-    import datasets
-
-    return datasets.Dataset.from_file(path)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,8 +19,8 @@ from pathlib import Path
 from chat_doctor.config import Config, section_hash
 from chat_doctor.files import atomic_dir, content_hash
 from chat_doctor.modeling import device, load_base_model, load_tokenizer, resolve_dtype
+from chat_doctor.tokenized import IGNORE_INDEX, load_split
 from chat_doctor.tracking import log_metrics
-from tasks.tokenize import IGNORE_INDEX, load_split
 
 
 def run_dir_for(cfg: Config, tokenized: dict[str, str]) -> Path:

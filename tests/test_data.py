@@ -8,8 +8,9 @@ import pytest
 from chat_doctor.config import DataConfig, ModelConfig, TokenizeConfig
 from chat_doctor.files import read_jsonl
 from chat_doctor.synthetic import generate
+from chat_doctor.tokenized import IGNORE_INDEX, load_split
 from tasks.sample import DataError, run_sample
-from tasks.tokenize import IGNORE_INDEX, load_split, run_tokenize, tokenize_row
+from tasks.tokenize import run_tokenize, tokenize_row
 from tests.conftest import REAL_ROWS, needs_real_rows
 
 
