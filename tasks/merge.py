@@ -13,8 +13,9 @@ from chat_doctor.config import Config
 from chat_doctor.files import atomic_dir
 from chat_doctor.modeling import load_base_model, load_tokenizer
 
-# Largest |logit difference| allowed between the merged model and base + adapter, per dtype.
-TOLERANCE = {"torch.float32": 1e-3, "torch.bfloat16": 0.25, "torch.float16": 0.05}
+# Largest relative error ||merged - (base + adapter)|| / ||base + adapter|| of the logits, per dtype:
+# merging rounds W + BA to the weight dtype once, so the error is about that dtype's precision.
+TOLERANCE = {"torch.float32": 1e-4, "torch.bfloat16": 2e-2, "torch.float16": 5e-3}
 CHECK_TEXT = "### Patient query: I have had a dry cough for a week. \n### Doctor opinion: Hi, rest and drink fluids."
 
 
@@ -31,7 +32,7 @@ def _logits(model, tokenizer):
 
 
 def run_merge(cfg: Config, adapter: str) -> dict:
-    """Merge `adapter` into the base, check the logits, save; return {"merged": folder, "max_logit_diff"}."""
+    """Merge `adapter` into the base, check the logits, save; return {"merged": folder, "logit_error"}."""
     from peft import PeftModel
 
     tokenizer = load_tokenizer(cfg.model, adapter)
@@ -39,12 +40,14 @@ def run_merge(cfg: Config, adapter: str) -> dict:
     with_adapter = PeftModel.from_pretrained(base, adapter)
     before = _logits(with_adapter, tokenizer)
     merged_model = with_adapter.merge_and_unload()
-    diff = (before - _logits(merged_model, tokenizer)).abs().max().item()
+    error = ((before - _logits(merged_model, tokenizer)).norm() / before.norm()).item()
     tolerance = TOLERANCE[str(merged_model.dtype)]
-    if not diff <= tolerance:
-        raise MergeMismatch(f"merged logits differ from base + adapter by {diff:.3g} (> {tolerance}): not saved")
+    if not error <= tolerance:
+        raise MergeMismatch(
+            f"merged logits differ from base + adapter by {error:.3g} relative (> {tolerance}): not saved"
+        )
     out = Path(adapter).parent / "merged"
     with atomic_dir(out) as staging:
         merged_model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-    return {"merged": str(out), "max_logit_diff": diff}
+    return {"merged": str(out), "logit_error": error}
