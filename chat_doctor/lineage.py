@@ -28,10 +28,15 @@ def write_params(params_file: Path, overrides: dict[str, Any]) -> list[str]:
     was really made with.
     """
     from ruamel.yaml import YAML
+    from ruamel.yaml.representer import RoundTripRepresenter
 
+    class Representer(RoundTripRepresenter):
+        """Writes None as `null`, like the file's own style; a subclass so DVC's dumper is untouched."""
+
+    Representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     ruamel = YAML()
+    ruamel.Representer = Representer
     ruamel.preserve_quotes = True
-    ruamel.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     doc = ruamel.load(params_file.read_text())
     changed = []
     for key, value in overrides.items():

@@ -2,6 +2,7 @@
 with the project's own DVC repo and MLflow store: values, files and registry entries."""
 
 import json
+import subprocess
 from pathlib import Path
 
 import mlflow
@@ -73,6 +74,8 @@ def test_flow_trains_registers_and_versions_data(project, prefect_server):
     assert version.tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)
     assert len(version.tags["git_commit"]) >= 40
     assert dvc_status() == {}
+    changed = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout
+    assert changed == "", f"the flow changed tracked files (is the committed dvc.lock stale? run dvc repro):\n{changed}"
     assert list(Path("dvc-remote").rglob("*")), "dvc push left the default remote empty"
     # The registered adapter loads back from the alias, with the trained weights.
     loaded = mlflow.transformers.load_model("models:/chat-doctor-adapter@candidate", return_type="components")

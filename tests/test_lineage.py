@@ -30,3 +30,18 @@ def test_data_hashes_come_from_dvc_lock(tmp_path):
         "  tokenize:\n    outs:\n    - path: data/tokenized\n      md5: def.dir\n"
     )
     assert data_hashes(lock_file=lock) == {"data/processed": "abc.dir", "data/tokenized": "def.dir"}
+
+
+def test_writing_params_leaves_other_yaml_dumpers_alone(tmp_path):
+    """DVC writes dvc.lock with ruamel too: our `null` style must not leak into its dumper."""
+    import io
+
+    from ruamel.yaml import YAML
+
+    params = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", params)
+    write_params(params, {"data.source": "/x/rows.jsonl"})
+    assert "revision: null" in params.read_text()
+    out = io.StringIO()
+    YAML().dump({"model.revision": None}, out)
+    assert out.getvalue() == "model.revision:\n"
