@@ -59,6 +59,9 @@ class ModelConfig(_Section):
         return value
 
 
+DEFAULT_COLUMNS = {"instruction": "instruction", "input": "input", "output": "output"}
+
+
 class DataConfig(_Section):
     source: str = Field(
         "data/raw/synthetic_healthcaremagic.jsonl",
@@ -69,6 +72,25 @@ class DataConfig(_Section):
     rows: int = Field(400, gt=0, description="Rows sampled from the source (before the split).")
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="Share of the sample held out for evaluation.")
     seed: int = Field(42, description="Sampling and split seed: same seed + same source = same files.")
+    columns: dict[Literal["instruction", "input", "output"], str] = Field(
+        DEFAULT_COLUMNS,
+        description="Source column for each field; e.g. {input: question, output: answer}. instruction is optional.",
+    )
+    strict: bool = Field(
+        False,
+        description="True: any invalid row in the source is an error. False: invalid rows are dropped and counted.",
+    )
+    max_chars: int = Field(20000, gt=0, description="Longer queries or answers are invalid (scraping accidents).")
+    clean_artefacts: bool = Field(True, description='Remove the scraper\'s "Chat Doctor" artefacts.')
+    dedupe: bool = Field(True, description="Drop exact and near-exact (case, spacing, punctuation) duplicate rows.")
+    drop_cut_off: bool = Field(
+        False, description="Drop answers that stop mid-sentence (counted either way); costs rows."
+    )
+
+    @field_validator("columns")
+    @classmethod
+    def _fill_columns(cls, value: dict[str, str]) -> dict[str, str]:
+        return {**DEFAULT_COLUMNS, **value}  # name only the columns that differ
 
 
 class TokenizeConfig(_Section):

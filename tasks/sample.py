@@ -10,106 +10,101 @@ Run alone with `python -m tasks.sample` (what `dvc repro` does).
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
+from chat_doctor.cleaning import looks_cut_off, near_duplicate_key
 from chat_doctor.config import PROCESSED_DIR, DataConfig, load_config
-from chat_doctor.files import content_hash, write_json, write_jsonl
-
-FIELDS = ("instruction", "input", "output")
-REQUIRED = ("input", "output")  # the patient's query and the doctor's answer
-LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+from chat_doctor.files import write_json, write_jsonl
+from chat_doctor.rows import REQUIRED, check_row, clean_row
+from chat_doctor.sources import DataError, open_source, source_fingerprint
 
 
-class DataError(ValueError):
-    """The source cannot give what the config asks; the message names the file, row or key."""
+def _check_columns(cfg: DataConfig, dataset) -> None:
+    missing = [cfg.columns[f] for f in REQUIRED if cfg.columns[f] not in dataset.column_names]
+    if missing:
+        raise DataError(
+            f"data.source: {cfg.source}: missing column(s) {missing}; it has {dataset.column_names} "
+            f"(map yours with data.columns)"
+        )
 
 
-def _is_local(source: str) -> bool:
-    return Path(source).expanduser().exists() or source.startswith(("/", ".", "~"))
+def _batches(dataset, indices: list[int], size: int = 1024):
+    for start in range(0, len(indices), size):
+        chunk = indices[start : start + size]
+        yield from zip(chunk, dataset.select(chunk).to_list(), strict=True)
 
 
-def open_source(cfg: DataConfig):
-    """The source as a memory-mapped `datasets.Dataset` (no copy of the rows held in RAM)."""
-    import datasets
-
-    source = Path(cfg.source).expanduser()
-    if not _is_local(cfg.source):
-        return datasets.load_dataset(cfg.source, revision=cfg.revision, split=cfg.split)
-    if not source.exists():
-        raise DataError(f"data.source: {cfg.source!r} does not exist")
-    if source.is_dir():
-        try:
-            loaded = datasets.load_from_disk(str(source))
-        except FileNotFoundError as err:
-            raise DataError(f"data.source: {cfg.source!r} is not a save_to_disk folder ({err})") from None
-        if isinstance(loaded, datasets.DatasetDict):
-            if cfg.split not in loaded:
-                raise DataError(f"data.split: {cfg.split!r} not in {cfg.source} (has {sorted(loaded)})")
-            loaded = loaded[cfg.split]
-        return loaded
-    builder = LOCAL_BUILDERS.get(source.suffix.lower())
-    if builder is None:
-        raise DataError(f"data.source: {cfg.source!r}: unsupported file type, use one of {sorted(LOCAL_BUILDERS)}")
-    try:
-        return datasets.load_dataset(builder, data_files=str(source), split="train")
-    except Exception as err:  # the loaders raise many types; the message is what the user needs
-        raise DataError(f"data.source: {cfg.source}: cannot be read as {builder}: {err}") from None
+def validate_all(cfg: DataConfig, dataset) -> None:
+    """Strict mode: the first invalid row of the whole source is an error naming row and field."""
+    for index, raw in _batches(dataset, list(range(len(dataset))), 4096):
+        _, problem = check_row(raw, cfg)
+        if problem:
+            raise DataError(problem.describe(cfg.source, index + 1, cfg.columns[problem.field]))
 
 
-def source_fingerprint(cfg: DataConfig, dataset) -> str:
-    if _is_local(cfg.source):
-        return "sha256:" + content_hash(Path(cfg.source).expanduser())
-    return f"hub:{cfg.source}@{cfg.revision or 'main'}:{dataset._fingerprint}"
-
-
-def _clean_row(row: dict) -> tuple[dict | None, str | None]:
-    """The row with stripped text, or None and the reason it is dropped."""
-    out = {}
-    for field in FIELDS:
-        value = row.get(field, "")
-        if value is None:
-            value = ""
-        if not isinstance(value, str):
-            return None, f"non-string {field}"
-        out[field] = value.strip()
-    for field in REQUIRED:
-        if not out[field]:
-            return None, f"empty {field}"
-    return out, None
+def _length_stats(rows: list[dict], field: str) -> dict:
+    lengths = np.array([len(row[field]) for row in rows])
+    return {"min": int(lengths.min()), "median": float(np.median(lengths)), "max": int(lengths.max())}
 
 
 def sample_rows(cfg: DataConfig, dataset) -> tuple[list[dict], list[dict], dict]:
-    """Seeded sample of `cfg.rows` valid rows, split into (train, eval, counts)."""
-    missing = [f for f in REQUIRED if f not in dataset.column_names]
-    if missing:
-        raise DataError(f"data.source: {cfg.source}: missing column(s) {missing}; has {dataset.column_names}")
+    """Seeded sample of `cfg.rows` valid, cleaned, distinct rows, split into (train, eval, report)."""
+    _check_columns(cfg, dataset)
     if cfg.rows > len(dataset):
         raise DataError(f"data.rows = {cfg.rows} is larger than the source ({len(dataset)} rows in {cfg.source})")
-    order = np.random.default_rng(cfg.seed).permutation(len(dataset))
-    kept, dropped = [], {}
-    # Walk the shuffled order until N valid rows are found; invalid rows are counted, not fatal.
-    for start in range(0, len(order), 1024):
-        chunk = [int(i) for i in order[start : start + 1024]]
-        batch = dataset.select(chunk).to_list()
-        for row in batch:
-            clean, reason = _clean_row(row)
-            if clean is None:
-                dropped[reason] = dropped.get(reason, 0) + 1
-            else:
-                kept.append(clean)
-            if len(kept) == cfg.rows:
-                break
+    if cfg.strict:
+        validate_all(cfg, dataset)
+    order = [int(i) for i in np.random.default_rng(cfg.seed).permutation(len(dataset))]
+    kept, seen_exact, seen_near = [], set(), set()
+    read, dropped, changed, cut_off = 0, Counter(), Counter(), 0
+    # Walk the shuffled source until N good rows are kept; each drop and change is counted.
+    for _, raw in _batches(dataset, order):
         if len(kept) == cfg.rows:
             break
+        read += 1
+        row, problem = check_row(raw, cfg)
+        if problem:
+            dropped[f"{problem.field}: {problem.reason.split(' (')[0]}"] += 1
+            continue
+        row, rules = clean_row(row, cfg)
+        changed.update(rules)
+        if not row["input"] or not row["output"]:
+            dropped["empty after cleaning"] += 1
+            continue
+        if looks_cut_off(row["output"]):
+            cut_off += 1
+            if cfg.drop_cut_off:
+                dropped["answer cut off mid-sentence"] += 1
+                continue
+        exact, near = (row["input"], row["output"]), near_duplicate_key(row["input"], row["output"])
+        if cfg.dedupe and (exact in seen_exact or near in seen_near):
+            dropped["duplicate (exact)" if exact in seen_exact else "duplicate (near-exact)"] += 1
+            continue
+        seen_exact.add(exact)
+        seen_near.add(near)
+        kept.append(row)
     if len(kept) < cfg.rows:
-        raise DataError(f"data.rows = {cfg.rows}: only {len(kept)} valid rows in {cfg.source} (dropped {dropped})")
+        raise DataError(
+            f"data.rows = {cfg.rows}: only {len(kept)} usable rows in {cfg.source} (dropped {dict(dropped)})"
+        )
     n_eval = max(1, round(cfg.rows * cfg.eval_fraction))
     if n_eval >= cfg.rows:
         raise DataError(f"data.eval_fraction = {cfg.eval_fraction} leaves no training rows out of {cfg.rows}")
-    counts = {"source_rows": len(dataset), "dropped": dropped, "train_rows": cfg.rows - n_eval, "eval_rows": n_eval}
-    return kept[n_eval:], kept[:n_eval], counts
+    report = {
+        "source_rows": len(dataset),
+        "rows_read": read,
+        "rows_kept": len(kept),
+        "dropped": dict(sorted(dropped.items())),
+        "changed": dict(sorted(changed.items())),
+        "answers_cut_off": cut_off,
+        "train_rows": cfg.rows - n_eval,
+        "eval_rows": n_eval,
+        "chars": {field: _length_stats(kept, field) for field in REQUIRED},
+    }
+    return kept[n_eval:], kept[:n_eval], report
 
 
 def run_sample(cfg: DataConfig, out_dir: Path = PROCESSED_DIR) -> dict[str, str]:

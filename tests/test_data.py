@@ -1,15 +1,17 @@
 """Data steps: sampling from each source format, reproducibility, clear errors, tokenization."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from chat_doctor.config import DataConfig, ModelConfig, TokenizeConfig
 from chat_doctor.files import read_jsonl
+from chat_doctor.sources import DataError
 from chat_doctor.synthetic import generate
 from chat_doctor.tokenized import IGNORE_INDEX, load_split
-from tasks.sample import DataError, run_sample
+from tasks.sample import run_sample
 from tasks.tokenize import run_tokenize, tokenize_row
 from tests.conftest import REAL_ROWS, needs_real_rows
 
@@ -75,8 +77,8 @@ def test_invalid_rows_are_dropped_and_counted(tmp_path, rows):
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
     paths = run_sample(DataConfig(source=str(source), rows=10, eval_fraction=0.2), tmp_path / "out")
     report = json.loads(Path(paths["report"]).read_text())
-    assert report["dropped"] == {"empty input": 1, "empty output": 1}
-    assert report["source_rows"] == 12 and report["train_rows"] == 8
+    assert report["dropped"] == {"input: empty": 1, "output: missing": 1}
+    assert (report["source_rows"], report["rows_read"], report["train_rows"]) == (12, 12, 8)
 
 
 @pytest.mark.parametrize(
@@ -149,7 +151,27 @@ def test_run_tokenize_writes_arrow_splits_and_report(tmp_path, project):
 
 
 @needs_real_rows()
-def test_real_rows_sample_from_save_to_disk_folder(tmp_path):
-    paths = run_sample(DataConfig(source=str(REAL_ROWS), rows=400, eval_fraction=0.1), tmp_path / "out")
-    assert len(read_jsonl(Path(paths["train"]))) == 360
+def test_real_rows_are_cleaned_counted_and_reproducible(tmp_path):
+    import datasets
+
+    from chat_doctor.cleaning import normalise
+
+    paths = run_sample(DataConfig(source=str(REAL_ROWS), rows=400, eval_fraction=0.1), tmp_path / "a")
+    again = run_sample(DataConfig(source=str(REAL_ROWS), rows=400, eval_fraction=0.1), tmp_path / "b")
+    for name in ("train", "eval", "report"):
+        assert Path(paths[name]).read_bytes() == Path(again[name]).read_bytes()
+    rows = read_jsonl(Path(paths["train"])) + read_jsonl(Path(paths["eval"]))
+    assert len(rows) == 400
+    artefact = re.compile(r"chat\s*doctor", re.IGNORECASE)
+    assert not [r for r in rows if artefact.search(r["output"]) or artefact.search(r["input"])]
+    # The report's counts are what the raw rows contain.
+    raw = datasets.load_from_disk(str(REAL_ROWS), keep_in_memory=True)
+    report = json.loads(Path(paths["report"]).read_text())
+    for field in ("input", "output"):
+        expected = sum(1 for text in raw[field] if artefact.search(text))
+        assert report["changed"].get(f"Chat Doctor artefact in {field}", 0) == expected
+        reshaped = sum(1 for text in raw[field] if normalise(text) != text)
+        assert report["changed"].get(f"whitespace/unicode in {field}", 0) == reshaped
+    assert report["answers_cut_off"] == sum(1 for r in rows if not re.search(r"[.!?)\"'\]]$", r["output"]))
+    assert report["chars"]["output"]["max"] == max(len(r["output"]) for r in rows)
     assert not list(REAL_ROWS.glob("cache-*"))  # the shared folder is left as it was
