@@ -77,6 +77,10 @@ def set_tags(run_id: str, tags: dict) -> None:
     client().log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
 
 
+def log_artifact(run_id: str, path: str, artifact_path: str) -> None:
+    client().log_artifact(run_id, path, artifact_path)
+
+
 def run_tags(run_id: str) -> dict[str, str]:
     return client().get_run(run_id).data.tags
 

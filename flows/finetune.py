@@ -27,6 +27,7 @@ from chat_doctor.tracking import (
     end_run,
     fail_runs_of,
     git_commit,
+    log_artifact,
     reopen_run,
     run_tags,
     set_tags,
@@ -90,10 +91,28 @@ def tokenize(cfg, model_cfg, processed: dict[str, str]) -> dict[str, str]:
 
 
 @task(name="version-data")
-def version_data(run_id: str) -> dict[str, str]:
-    hashes = record_data_stages()
-    set_tags(run_id, {f"dvc.{path}": md5 for path, md5 in hashes.items()})
-    return {f"dvc.{path}": md5 for path, md5 in hashes.items()}
+def version_data(run_id: str, processed: dict[str, str], tokenized: dict[str, str]) -> dict[str, str]:
+    """dvc commit + push the data; its hashes and reports go to the MLflow run and the Prefect UI."""
+    tags = {f"dvc.{path}": md5 for path, md5 in record_data_stages().items()}
+    set_tags(run_id, tags)
+    log_artifact(run_id, processed["report"], "data/processed")
+    log_artifact(run_id, tokenized["report"], "data/tokenized")
+    create_markdown_artifact(
+        key="data-report",
+        markdown=_data_summary(json.loads(Path(processed["report"]).read_text()), tags),
+        description="What the sample step read, dropped and changed",
+    )
+    return tags
+
+
+def _data_summary(report: dict, tags: dict) -> str:
+    rows = [("rows read", report["rows_read"]), ("rows kept", report["rows_kept"])]
+    rows += [(f"dropped: {reason}", n) for reason, n in report["dropped"].items()]
+    rows += [(f"changed: {rule}", n) for rule, n in report["changed"].items()]
+    rows += [("answers cut off mid-sentence", report["answers_cut_off"])]
+    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
+    hashes = "\n".join(f"- `{path}`: `{md5}`" for path, md5 in tags.items())
+    return f"## Data: {report['source']}\n\n| | rows |\n|---|---|\n{table}\n\nDVC hashes:\n{hashes}\n"
 
 
 @task(name="train")
@@ -149,7 +168,7 @@ def finetune(overrides: dict[str, Any] | None = None, params_file: str = PARAMS_
     run_id = start_tracking(cfg)
     processed = sample(cfg.data)
     tokenized = tokenize(cfg.tokenize, cfg.model, processed)
-    lineage = version_data(run_id, wait_for=[tokenized])
+    lineage = version_data(run_id, processed, tokenized)
     trained = train(cfg, tokenized, run_id)
     merged = merge(cfg, trained["adapter"])
     report = evaluate(cfg, tokenized, processed, merged, run_id)

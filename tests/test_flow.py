@@ -73,6 +73,8 @@ def test_flow_trains_registers_and_versions_data(project, prefect_server):
         assert run.data.tags[f"dvc.{path}"] == lock[stage]["outs"][0]["md5"]
     assert version.tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)
     assert len(version.tags["git_commit"]) >= 40
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "data/processed")}
+    assert artifacts == {"data/processed/report.json"}
     assert dvc_status() == {}
     changed = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout
     assert changed == "", f"the flow changed tracked files (is the committed dvc.lock stale? run dvc repro):\n{changed}"
