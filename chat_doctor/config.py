@@ -127,6 +127,11 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations: far less memory, ~30% slower. On for big models."
     )
+    packing: bool = Field(
+        False,
+        description="Padding-free: a micro-batch's rows are concatenated into one sequence with per-row "
+        "attention (position ids restart at each row), so no compute goes to padding.",
+    )
     logging_steps: int = Field(5, gt=0)
     save_steps: int = Field(20, gt=0, description="Checkpoint every K steps (resume point after a crash).")
     save_total_limit: int = Field(2, gt=0, description="Checkpoints kept.")

@@ -125,6 +125,17 @@ def _fault_injector(run_dir: Path):
     return FaultInjector()
 
 
+def _collator(cfg: Config, tokenizer):
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    if cfg.train.packing:
+        # One row of concatenated examples; the first label of each example is masked so no
+        # example learns to predict across the boundary.
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+    # Pads ids with the pad token and labels with IGNORE_INDEX, so EOS labels stay trained.
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8)
+
+
 def latest_checkpoint(checkpoints: Path) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -134,7 +145,7 @@ def latest_checkpoint(checkpoints: Path) -> str | None:
 def run_train(cfg: Config, tokenized: dict[str, str], mlflow_run_id: str | None = None) -> dict[str, str]:
     """Train the LoRA adapter on the 4-bit base; return {"run_dir", "adapter"}."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import DataCollatorForSeq2Seq, Trainer
+    from transformers import Trainer
 
     run_dir = run_dir_for(cfg, tokenized)
     checkpoints = run_dir / "checkpoints"
@@ -149,14 +160,16 @@ def run_train(cfg: Config, tokenized: dict[str, str], mlflow_run_id: str | None 
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
+    # No KV cache in training: with one, transformers would not derive per-row attention from the
+    # position ids of packed batches.
+    model.config.use_cache = False
     train_set = load_split(tokenized["train"])
     trainer = Trainer(
         model=model,
         args=_training_args(cfg, checkpoints),
         train_dataset=train_set,
         processing_class=tokenizer,
-        # Pads ids with the pad token and labels with IGNORE_INDEX, so EOS labels stay trained.
-        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8),
+        data_collator=_collator(cfg, tokenizer),
         callbacks=[_mlflow_callback(mlflow_run_id), _fault_injector(run_dir)],
     )
     resume = latest_checkpoint(checkpoints)

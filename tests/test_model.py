@@ -73,3 +73,43 @@ def test_merged_weights_equal_base_plus_lora_delta(trained):
     expected = base[f"{name}.weight"] + (cfg.lora.alpha / cfg.lora.r) * b @ a
     torch.testing.assert_close(result[f"{name}.weight"], expected, rtol=1e-5, atol=1e-6)
     assert not torch.equal(result[f"{name}.weight"], base[f"{name}.weight"])
+
+
+def test_packed_batches_attend_only_within_a_row(project, monkeypatch):
+    """With train.packing the model gets one concatenated row whose position ids restart at every
+    example and no attention mask; its logits equal those of each example alone."""
+    import itertools
+
+    import transformers
+    from peft import PeftModel
+
+    from chat_doctor.modeling import load_base_model
+
+    cfg = load_config("params.yaml", {"data.rows": 20, "train.max_steps": 1, "train.packing": True, "lora.r": 4})
+    processed = run_sample(cfg.data)
+    tokenized = run_tokenize(cfg.tokenize, cfg.model, processed)
+    seen = []
+
+    class RecordingTrainer(transformers.Trainer):
+        """Records the batch exactly as the model receives it."""
+
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            seen.append({**{k: v.detach().clone() for k, v in inputs.items()}, "use_cache": model.config.use_cache})
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(transformers, "Trainer", RecordingTrainer)
+    out = run_train(cfg, tokenized)
+    batch = seen[0]
+    assert "attention_mask" not in batch and batch["use_cache"] is False
+    positions, ids = batch["position_ids"][0], batch["input_ids"][0]
+    starts = (positions == 0).nonzero().flatten().tolist()
+    assert len(starts) == cfg.train.micro_batch_size
+    assert all(ids[s].item() == 1 for s in starts)  # every example starts with BOS at position 0
+    assert all(batch["labels"][0][s].item() == -100 for s in starts)  # nothing predicted across a boundary
+
+    model = PeftModel.from_pretrained(load_base_model(cfg.model, quantized=True), out["adapter"])
+    with torch.no_grad():
+        packed = model(input_ids=ids[None], position_ids=positions[None], use_cache=False).logits[0]
+        for start, end in itertools.pairwise([*starts, len(ids)]):
+            alone = model(input_ids=ids[None, start:end], use_cache=False).logits[0]
+            torch.testing.assert_close(packed[start:end], alone, rtol=1e-4, atol=1e-4)
