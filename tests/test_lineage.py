@@ -45,3 +45,45 @@ def test_writing_params_leaves_other_yaml_dumpers_alone(tmp_path):
     out = io.StringIO()
     YAML().dump({"model.revision": None}, out)
     assert out.getvalue() == "model.revision:\n"
+
+
+def test_dvc_pull_into_a_fresh_clone_restores_the_same_data(project, tmp_path):
+    """What a run recorded and pushed comes back, byte for byte, in another clone."""
+    import subprocess
+    import sys
+
+    from dvc.repo import Repo
+
+    from chat_doctor.config import load_config
+    from chat_doctor.files import content_hash
+    from chat_doctor.lineage import record_data_stages
+    from tasks.sample import run_sample
+    from tasks.tokenize import run_tokenize
+
+    cfg = load_config("params.yaml", {"data.rows": 50})
+    run_tokenize(cfg.tokenize, cfg.model, run_sample(cfg.data))
+    hashes = record_data_stages()
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    subprocess.run([*git, "commit", "-qam", "data"], check=True)
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(project), str(clone)], check=True)
+    assert not (clone / "data" / "processed").exists()
+    # The default remote lives in the first clone; a second clone on the machine points at it.
+    subprocess.run(
+        [
+            Path(sys.executable).parent / "dvc",
+            "remote",
+            "modify",
+            "--local",
+            "local",
+            "url",
+            str(project / "dvc-remote"),
+        ],
+        cwd=clone,
+        check=True,
+    )
+    with Repo(str(clone)) as repo:
+        repo.pull()
+    assert data_hashes(lock_file=clone / "dvc.lock") == hashes
+    for folder in ("data/processed", "data/tokenized"):
+        assert content_hash(clone / folder) == content_hash(project / folder)
