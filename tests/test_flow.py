@@ -135,3 +135,8 @@ def test_flow_on_real_rows(project, prefect_server):
     assert dvc_status() == {}
     report = json.loads(Path("data/processed/report.json").read_text())
     assert (report["source_rows"], report["train_rows"], report["eval_rows"]) == (400, 108, 12)
+    # Every real row trains its EOS, and the prompt is masked.
+    from chat_doctor.tokenized import load_split
+
+    train = load_split("data/tokenized/train.arrow")
+    assert all(labels[-1] == 2 and labels[0] == -100 for labels in train["labels"])

@@ -13,6 +13,7 @@ from tasks.merge import run_merge
 from tasks.sample import run_sample
 from tasks.tokenize import run_tokenize
 from tasks.train import run_train
+from tests.conftest import REAL_ROWS, needs_real_rows
 
 pytestmark = pytest.mark.slow
 
@@ -75,7 +76,15 @@ def test_merged_weights_equal_base_plus_lora_delta(trained):
     assert not torch.equal(result[f"{name}.weight"], base[f"{name}.weight"])
 
 
-def test_packed_batches_attend_only_within_a_row(project, monkeypatch):
+@pytest.mark.parametrize(
+    "source",
+    [
+        "data/raw/synthetic_healthcaremagic.jsonl",
+        pytest.param(str(REAL_ROWS), marks=needs_real_rows()),
+    ],
+    ids=["synthetic", "real-rows"],
+)
+def test_packed_batches_attend_only_within_a_row(project, monkeypatch, source):
     """With train.packing the model gets one concatenated row whose position ids restart at every
     example and no attention mask; its logits equal those of each example alone."""
     import itertools
@@ -85,7 +94,8 @@ def test_packed_batches_attend_only_within_a_row(project, monkeypatch):
 
     from chat_doctor.modeling import load_base_model
 
-    cfg = load_config("params.yaml", {"data.rows": 20, "train.max_steps": 1, "train.packing": True, "lora.r": 4})
+    overrides = {"data.source": source, "data.rows": 20, "train.max_steps": 1, "train.packing": True, "lora.r": 4}
+    cfg = load_config("params.yaml", overrides)
     processed = run_sample(cfg.data)
     tokenized = run_tokenize(cfg.tokenize, cfg.model, processed)
     seen = []
