@@ -23,27 +23,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from chat_doctor.config import build_config
+from chat_doctor.embedded import MISTRAL_7B_SHAPE
 from tasks.evaluate import run_evaluate
 from tasks.merge import run_merge
 from tasks.sample import run_sample
 from tasks.tokenize import run_tokenize
 from tasks.train import run_train
-
-MISTRAL_7B = dict(
-    vocab_size=32000,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    max_position_embeddings=32768,
-    rms_norm_eps=1e-5,
-    rope_theta=10000.0,
-    sliding_window=4096,
-    tie_word_embeddings=False,
-    bos_token_id=1,
-    eos_token_id=2,
-)
 
 
 def build_random_7b(folder: Path, tokenizer_dir: Path | None) -> Path:
@@ -55,7 +40,7 @@ def build_random_7b(folder: Path, tokenizer_dir: Path | None) -> Path:
         return folder
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = MistralForCausalLM(MistralConfig(**MISTRAL_7B, dtype="bfloat16")).to(torch.bfloat16)
+        model = MistralForCausalLM(MistralConfig(**MISTRAL_7B_SHAPE, dtype="bfloat16")).to(torch.bfloat16)
     model.save_pretrained(folder, safe_serialization=True)
     del model
     torch.cuda.empty_cache()

@@ -14,22 +14,32 @@ from pathlib import Path
 
 TINY_DIR = Path("models/tiny-mistral")
 TINY_SEED = 1234
-# Mistral-7B's shape, scaled down: same vocabulary, grouped-query attention, SwiGLU, RMSNorm.
-TINY_SHAPE = dict(
+MISTRAL_7B_SHAPE = dict(
     vocab_size=32000,
-    hidden_size=256,
-    intermediate_size=768,
-    num_hidden_layers=4,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    max_position_embeddings=4096,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=32768,
     rms_norm_eps=1e-5,
     rope_theta=10000.0,
-    sliding_window=None,
+    sliding_window=4096,
     tie_word_embeddings=False,
     bos_token_id=1,
     eos_token_id=2,
 )
+# Mistral-7B's shape, scaled down: same vocabulary, grouped-query attention, SwiGLU, RMSNorm.
+TINY_SHAPE = {
+    **MISTRAL_7B_SHAPE,
+    "hidden_size": 256,
+    "intermediate_size": 768,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+    "sliding_window": None,
+}
 _TOKENIZER_CONFIG = {
     "tokenizer_class": "LlamaTokenizer",
     "bos_token": "<s>",
