@@ -39,7 +39,7 @@ from tasks.merge import run_merge
 from tasks.register import run_register
 from tasks.sample import run_sample
 from tasks.tokenize import run_tokenize
-from tasks.train import run_train
+from tasks.train import OutOfMemory, run_train
 
 
 def _key(*parts: str) -> str:
@@ -115,7 +115,13 @@ def _data_summary(report: dict, tags: dict) -> str:
     return f"## Data: {report['source']}\n\n| | rows |\n|---|---|\n{table}\n\nDVC hashes:\n{hashes}\n"
 
 
-@task(name="train")
+def _only_out_of_memory(task, task_run, state) -> bool:
+    """Retry training only after out-of-memory (the next attempt halves the micro-batch)."""
+    return isinstance(state.result(raise_on_failure=False), OutOfMemory)
+
+
+# Up to 3 halvings, e.g. micro-batch 8 -> 4 -> 2 -> 1; run_train stops below 1 with what to change.
+@task(name="train", retries=3, retry_condition_fn=_only_out_of_memory)
 def train(cfg: Config, tokenized: dict[str, str], run_id: str) -> dict[str, str]:
     return run_train(cfg, tokenized, run_id)
 

@@ -12,15 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import time
+import subprocess
+import sys
 from pathlib import Path
 
 from chat_doctor.config import Config, section_hash
-from chat_doctor.files import atomic_dir, content_hash
+from chat_doctor.files import atomic_dir, content_hash, write_json
 from chat_doctor.modeling import device, load_base_model, load_tokenizer, resolve_dtype
 from chat_doctor.tokenized import IGNORE_INDEX, load_split
-from chat_doctor.tracking import log_metrics
+from chat_doctor.tracking import log_metrics, set_tags
+from chat_doctor.train_callbacks import callbacks, latest_checkpoint
 
 
 def run_dir_for(cfg: Config, tokenized: dict[str, str]) -> Path:
@@ -80,51 +81,6 @@ def _training_args(cfg: Config, output_dir: Path):
     )
 
 
-def _mlflow_callback(run_id: str | None):
-    from transformers import TrainerCallback
-
-    class MlflowLogger(TrainerCallback):
-        """Per logging step: loss, learning rate, grad norm and real (non-padding) tokens/s."""
-
-        def __init__(self) -> None:
-            self.last = (time.perf_counter(), 0)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            logs = logs or {}
-            now, tokens = time.perf_counter(), state.num_input_tokens_seen
-            metrics = {f"train/{k}": v for k, v in logs.items() if k in ("loss", "learning_rate", "grad_norm")}
-            if "loss" in logs and tokens > self.last[1]:
-                metrics["train/tokens_per_s"] = (tokens - self.last[1]) / max(now - self.last[0], 1e-9)
-                self.last = (now, tokens)
-            if run_id and metrics:
-                log_metrics(run_id, metrics, step=state.global_step)
-
-    return MlflowLogger()
-
-
-FAULT_ENV = "CHAT_DOCTOR_FAIL_AT_STEP"
-
-
-def _fault_injector(run_dir: Path):
-    """Fails training once at step $CHAT_DOCTOR_FAIL_AT_STEP (for retry tests and demos).
-
-    A marker in the run folder makes it one-shot, so the retry that follows runs through.
-    """
-    from transformers import TrainerCallback
-
-    step = int(os.environ.get(FAULT_ENV, "0"))
-    marker = run_dir / ".fault-injected"
-
-    class FaultInjector(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if step and state.global_step == step and not marker.exists():
-                marker.parent.mkdir(parents=True, exist_ok=True)
-                marker.touch()
-                raise RuntimeError(f"injected failure at step {step} ({FAULT_ENV})")
-
-    return FaultInjector()
-
-
 def _collator(cfg: Config, tokenizer):
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
@@ -136,14 +92,8 @@ def _collator(cfg: Config, tokenizer):
     return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8)
 
 
-def latest_checkpoint(checkpoints: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-
-
-def run_train(cfg: Config, tokenized: dict[str, str], mlflow_run_id: str | None = None) -> dict[str, str]:
-    """Train the LoRA adapter on the 4-bit base; return {"run_dir", "adapter"}."""
+def train_in_process(cfg: Config, tokenized: dict[str, str], mlflow_run_id: str | None = None) -> dict[str, str]:
+    """Train the LoRA adapter on the 4-bit base in this process; resume from the last complete checkpoint."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import Trainer
 
@@ -163,26 +113,110 @@ def run_train(cfg: Config, tokenized: dict[str, str], mlflow_run_id: str | None 
     # No KV cache in training: with one, transformers would not derive per-row attention from the
     # position ids of packed batches.
     model.config.use_cache = False
-    train_set = load_split(tokenized["train"])
     trainer = Trainer(
         model=model,
         args=_training_args(cfg, checkpoints),
-        train_dataset=train_set,
+        train_dataset=load_split(tokenized["train"]),
         processing_class=tokenizer,
         data_collator=_collator(cfg, tokenizer),
-        callbacks=[_mlflow_callback(mlflow_run_id), _fault_injector(run_dir)],
+        callbacks=callbacks(run_dir, mlflow_run_id),
     )
     resume = latest_checkpoint(checkpoints)
     result = trainer.train(resume_from_checkpoint=resume)
     if mlflow_run_id:
-        log_metrics(
-            mlflow_run_id,
-            {"train/final_loss": result.training_loss, "train/runtime_s": result.metrics.get("train_runtime", 0)},
-            step=trainer.state.global_step,
-        )
+        figures = {"train/final_loss": result.training_loss, "train/runtime_s": result.metrics.get("train_runtime", 0)}
+        log_metrics(mlflow_run_id, figures, step=trainer.state.global_step)
     adapter = run_dir / "adapter"
     with atomic_dir(adapter) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         (staging / "chat_doctor_config.json").write_text(json.dumps(cfg.model_dump(), indent=2, sort_keys=True))
     return {"run_dir": str(run_dir), "adapter": str(adapter), "resumed_from": resume or ""}
+
+
+class OutOfMemory(RuntimeError):
+    """Training ran out of memory; the next attempt uses half the micro-batch (see run_train)."""
+
+
+class TrainingFailed(RuntimeError):
+    """Training failed for another reason (or was killed); retrying the same thing will not help."""
+
+
+def _is_oom(err: BaseException) -> bool:
+    import torch
+
+    text = str(err).lower()
+    return (
+        isinstance(err, torch.OutOfMemoryError | MemoryError)
+        or "out of memory" in text
+        or ("can't allocate memory" in text)
+    )
+
+
+def _micro_batch_state(run_dir: Path) -> Path:
+    return run_dir / "micro_batch.json"
+
+
+def _apply_micro_batch(cfg: Config, run_dir: Path) -> Config:
+    """The config with the micro-batch an earlier out-of-memory attempt left for this run folder."""
+    state = _micro_batch_state(run_dir)
+    if not state.is_file():
+        return cfg
+    split = json.loads(state.read_text())
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update=split)})
+
+
+def _halve_micro_batch(cfg: Config, run_dir: Path, error: str) -> str:
+    """Record half the micro-batch and twice the accumulation (same effective batch) for the retry."""
+    micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
+    if micro == 1:
+        raise TrainingFailed(
+            f"out of memory at train.micro_batch_size = 1 ({error}); lower tokenize.max_length, set "
+            "train.gradient_checkpointing: true, or use a GPU with more memory"
+        )
+    write_json(_micro_batch_state(run_dir), {"micro_batch_size": micro // 2, "grad_accum": accum * 2})
+    return f"out of memory at micro-batch {micro}: the retry uses {micro // 2} x {accum * 2} (same effective batch)"
+
+
+def run_train(cfg: Config, tokenized: dict[str, str], mlflow_run_id: str | None = None) -> dict[str, str]:
+    """Train in a child process, so that out-of-memory frees all of its memory; return the outputs.
+
+    Raises OutOfMemory (after recording half the micro-batch for the next attempt, which resumes
+    from the last complete checkpoint) or TrainingFailed for anything else, a kill included.
+    """
+    run_dir = run_dir_for(cfg, tokenized)
+    cfg = _apply_micro_batch(cfg, run_dir)
+    spec = run_dir / "attempt.json"
+    write_json(spec, {"config": cfg.model_dump(), "tokenized": tokenized, "mlflow_run_id": mlflow_run_id})
+    outcome = run_dir / "outcome.json"
+    outcome.unlink(missing_ok=True)
+    if mlflow_run_id:
+        set_tags(
+            mlflow_run_id,
+            {"train.micro_batch_size_used": cfg.train.micro_batch_size, "train.grad_accum_used": cfg.train.grad_accum},
+        )
+    child = subprocess.run([sys.executable, "-m", "tasks.train", str(spec)], check=False)
+    result = json.loads(outcome.read_text()) if outcome.is_file() else None
+    if child.returncode == 0 and result and result.get("adapter"):
+        return result
+    if result and result.get("oom"):
+        raise OutOfMemory(_halve_micro_batch(cfg, run_dir, result["error"]))
+    reason = result["error"] if result else f"the training process ended with exit code {child.returncode}"
+    raise TrainingFailed(f"training failed: {reason}")
+
+
+def main(spec_path: str) -> int:
+    """Child-process entry point: run one training attempt described by `spec_path`."""
+    spec = json.loads(Path(spec_path).read_text())
+    cfg = Config.model_validate(spec["config"])
+    outcome = Path(spec_path).parent / "outcome.json"
+    try:
+        write_json(outcome, train_in_process(cfg, spec["tokenized"], spec["mlflow_run_id"]))
+        return 0
+    except Exception as err:
+        write_json(outcome, {"oom": _is_oom(err), "error": f"{type(err).__name__}: {err}"})
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

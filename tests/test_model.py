@@ -12,7 +12,7 @@ from chat_doctor.files import content_hash
 from tasks.merge import run_merge
 from tasks.sample import run_sample
 from tasks.tokenize import run_tokenize
-from tasks.train import run_train
+from tasks.train import run_train, train_in_process
 from tests.conftest import REAL_ROWS, needs_real_rows
 
 pytestmark = pytest.mark.slow
@@ -108,7 +108,7 @@ def test_packed_batches_attend_only_within_a_row(project, monkeypatch, source):
             return super().compute_loss(model, inputs, *args, **kwargs)
 
     monkeypatch.setattr(transformers, "Trainer", RecordingTrainer)
-    out = run_train(cfg, tokenized)
+    out = train_in_process(cfg, tokenized)
     batch = seen[0]
     assert "attention_mask" not in batch and batch["use_cache"] is False
     positions, ids = batch["position_ids"][0], batch["input_ids"][0]

@@ -1,0 +1,86 @@
+"""Trainer callbacks for the train step: MLflow logging, completed-checkpoint markers, fault injection."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+from chat_doctor.tracking import log_metrics
+
+COMPLETE = ".complete"  # written into a checkpoint folder once everything in it is on disk
+FAULT_ENV = "CHAT_DOCTOR_FAIL_AT_STEP"  # a plain failure at step N, once
+OOM_ENV = "CHAT_DOCTOR_OOM_AT_STEP"  # an out-of-memory error at step N, once
+KILL_ENV = "CHAT_DOCTOR_KILL_AT_SAVE"  # SIGKILL while checkpoint N is written (before it is marked), once
+
+
+def latest_checkpoint(checkpoints: Path) -> str | None:
+    """The newest checkpoint whose save finished; a folder cut short by a crash is not one."""
+    if not checkpoints.is_dir():
+        return None
+    done = [p for p in checkpoints.glob("checkpoint-*") if (p / COMPLETE).is_file()]
+    return str(max(done, key=lambda p: int(p.name.split("-")[1]))) if done else None
+
+
+def peak_memory_gib() -> float:
+    """Peak GPU memory of this process, or its peak resident memory on a CPU."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def callbacks(run_dir: Path, run_id: str | None) -> list:
+    from transformers import TrainerCallback
+
+    def _inject(env: str, kind: str, step: int) -> bool:
+        """True once, at the step named by `env`; a marker in the run folder makes it one-shot."""
+        marker = run_dir / f".injected-{kind}"
+        if os.environ.get(env) == str(step) and not marker.exists():
+            marker.touch()
+            return True
+        return False
+
+    class MarkComplete(TrainerCallback):
+        """Trainer calls on_save after model, optimizer, scheduler, RNG and state are written."""
+
+        def on_save(self, args, state, control, **kwargs):
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if _inject(KILL_ENV, "kill", state.global_step):
+                os.kill(os.getpid(), signal.SIGKILL)
+            os.sync()
+            (folder / COMPLETE).write_text(str(state.global_step))
+
+    class MlflowLogger(TrainerCallback):
+        """Per logging step: loss, learning rate, grad norm, real (non-padding) tokens/s, peak memory."""
+
+        def __init__(self) -> None:
+            self.last = (time.perf_counter(), 0)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            now, tokens = time.perf_counter(), state.num_input_tokens_seen
+            metrics = {f"train/{k}": v for k, v in logs.items() if k in ("loss", "learning_rate", "grad_norm")}
+            if "loss" in logs and tokens > self.last[1]:
+                metrics["train/tokens_per_s"] = (tokens - self.last[1]) / max(now - self.last[0], 1e-9)
+                metrics["train/peak_memory_gib"] = peak_memory_gib()
+                self.last = (now, tokens)
+            if run_id and metrics:
+                log_metrics(run_id, metrics, step=state.global_step)
+
+    class FaultInjector(TrainerCallback):
+        """Fails once at a chosen step (for retry tests and demos); a marker makes it one-shot."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            import torch
+
+            if _inject(OOM_ENV, "oom", state.global_step):
+                raise torch.OutOfMemoryError(f"CUDA out of memory (injected at step {state.global_step} by {OOM_ENV})")
+            if _inject(FAULT_ENV, "failure", state.global_step):
+                raise RuntimeError(f"injected failure at step {state.global_step} ({FAULT_ENV})")
+
+    return [MlflowLogger(), MarkComplete(), FaultInjector()]

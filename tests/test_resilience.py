@@ -1,0 +1,73 @@
+"""Training that survives: out-of-memory retried by Prefect with half the micro-batch and the same
+effective batch, and a SIGKILLed training resumed from its last complete checkpoint."""
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from chat_doctor.tracking import tracking_uri
+from tests.test_flow import task_states
+
+pytestmark = pytest.mark.slow
+STEPS = {"train.max_steps": 6, "train.save_steps": 2, "train.logging_steps": 1, "evaluate.samples": 1}
+
+
+def _run(client):
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], order_by=["start_time ASC"])
+    return runs
+
+
+def test_oom_is_retried_with_half_the_micro_batch_and_resumes(project, prefect_server, monkeypatch):
+    from flows.finetune import finetune
+
+    monkeypatch.setenv("CHAT_DOCTOR_OOM_AT_STEP", "3")
+    overrides = {**STEPS, "train.micro_batch_size": 4, "train.grad_accum": 2}
+    state = finetune(overrides=overrides, return_state=True)
+    assert state.is_completed(), state.message
+    client = mlflow.MlflowClient(tracking_uri())
+    (run,) = _run(client)
+    assert run.data.tags["train.micro_batch_size_used"] == "2" and run.data.tags["train.grad_accum_used"] == "4"
+    # No gap and no restart: steps 1-2 from the first attempt, 3-6 resumed from checkpoint-2.
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4, 5, 6]
+    run_dir = next(Path("runs").glob("run-*"))
+    last_attempt = json.loads((run_dir / "attempt.json").read_text())["config"]["train"]
+    assert (last_attempt["micro_batch_size"], last_attempt["grad_accum"]) == (2, 4)
+    assert json.loads((run_dir / "micro_batch.json").read_text()) == {"micro_batch_size": 2, "grad_accum": 4}
+    assert task_states(state.state_details.flow_run_id)["train"] == "Completed"
+
+
+def test_out_of_memory_at_micro_batch_one_says_what_to_change(project, prefect_server, monkeypatch):
+    from flows.finetune import finetune
+
+    monkeypatch.setenv("CHAT_DOCTOR_OOM_AT_STEP", "1")
+    state = finetune(overrides={**STEPS, "train.micro_batch_size": 1, "train.grad_accum": 8}, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match=r"out of memory at train\.micro_batch_size = 1.*tokenize\.max_length"):
+        state.result()
+
+
+def test_sigkill_mid_checkpoint_then_rerun_resumes_from_the_last_complete_one(project, prefect_server, monkeypatch):
+    from flows.finetune import finetune
+
+    monkeypatch.setenv("CHAT_DOCTOR_KILL_AT_SAVE", "4")
+    first = finetune(overrides=STEPS, return_state=True)
+    assert first.is_failed()
+    with pytest.raises(Exception, match="exit code -9"):
+        first.result()
+    run_dir = next(Path("runs").glob("run-*"))
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "checkpoint-4").is_dir() and not (checkpoints / "checkpoint-4" / ".complete").exists()
+    assert not (run_dir / "adapter").exists()
+
+    again = finetune(overrides=STEPS, return_state=True)  # as a rerun of the deployment would
+    assert again.is_completed(), again.message
+    states = task_states(again.state_details.flow_run_id)
+    assert states["sample"] == "Cached" and states["tokenize"] == "Cached"
+    client = mlflow.MlflowClient(tracking_uri())
+    second = _run(client)[-1]
+    # Resumed from checkpoint-2 (the torn checkpoint-4 is ignored): steps 3-6 only.
+    assert [m.step for m in client.get_metric_history(second.info.run_id, "train/loss")] == [3, 4, 5, 6]
+    loaded = mlflow.transformers.load_model("models:/chat-doctor-adapter@candidate", return_type="components")
+    assert loaded["model"].peft_config["default"].r == 16
