@@ -138,6 +138,11 @@ class TrainConfig(_Section):
     seed: int = 42
 
 
+def effective_batch(train: TrainConfig, processes: int = 1) -> int:
+    """Rows per optimizer step: micro-batch x accumulation x processes. OOM retries keep it."""
+    return train.micro_batch_size * train.grad_accum * processes
+
+
 class MergeConfig(_Section):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Full-precision base the adapter is merged into; auto = bf16 on GPU, fp32 on CPU."
@@ -285,6 +290,7 @@ def flatten(config: Config) -> dict[str, Any]:
             out[prefix] = node
 
     walk("", config.model_dump())
+    out["train.effective_batch_size"] = effective_batch(config.train)
     return out
 
 

@@ -77,6 +77,13 @@ def set_tags(run_id: str, tags: dict) -> None:
     client().log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
 
 
+def run_link(run_id: str) -> str:
+    """Where the run shows in the MLflow UI (a local store is served by `mlflow ui` on port 5000)."""
+    base = tracking_uri() if tracking_uri().startswith("http") else "http://127.0.0.1:5000"
+    run = client().get_run(run_id)
+    return f"{base.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+
+
 def log_artifact(run_id: str, path: str, artifact_path: str) -> None:
     client().log_artifact(run_id, path, artifact_path)
 

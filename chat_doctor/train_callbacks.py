@@ -72,6 +72,24 @@ def callbacks(run_dir: Path, run_id: str | None) -> list:
             if run_id and metrics:
                 log_metrics(run_id, metrics, step=state.global_step)
 
+    class Progress(TrainerCallback):
+        """One plain line per logging step with an ETA (stdout, which the flow's logs collect)."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start, self.first_step = time.perf_counter(), state.global_step
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs:
+                return
+            done = state.global_step - self.first_step
+            per_step = (time.perf_counter() - self.start) / max(done, 1)
+            eta = int(per_step * (state.max_steps - state.global_step))
+            print(
+                f"step {state.global_step}/{state.max_steps} ({100 * state.global_step // state.max_steps}%) "
+                f"loss {logs['loss']:.4f}, ETA {eta // 60}:{eta % 60:02d}",
+                flush=True,
+            )
+
     class FaultInjector(TrainerCallback):
         """Fails once at a chosen step (for retry tests and demos); a marker makes it one-shot."""
 
@@ -83,4 +101,4 @@ def callbacks(run_dir: Path, run_id: str | None) -> list:
             if _inject(FAULT_ENV, "failure", state.global_step):
                 raise RuntimeError(f"injected failure at step {state.global_step} ({FAULT_ENV})")
 
-    return [MlflowLogger(), MarkComplete(), FaultInjector()]
+    return [MlflowLogger(), Progress(), MarkComplete(), FaultInjector()]

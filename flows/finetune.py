@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.runtime import flow_run
 
 from chat_doctor.config import PARAMS_FILE, Config, cli_overrides, flatten, load_config, section_hash
@@ -29,6 +29,7 @@ from chat_doctor.tracking import (
     git_commit,
     log_artifact,
     reopen_run,
+    run_link,
     run_tags,
     set_tags,
     start_run,
@@ -77,6 +78,12 @@ def start_tracking(cfg: Config) -> str:
     tags = {"git_commit": git_commit(), "prefect.flow_run_id": str(flow_run.id), "base_model": cfg.model.base}
     run_id = reopen_run(str(flow_run.id)) or start_run(cfg.registry.experiment, str(flow_run.name), flatten(cfg), tags)
     print(f"MLflow run {run_id} at {tracking_uri()}")
+    create_link_artifact(
+        key="mlflow-run",
+        link=run_link(run_id),
+        link_text=f"MLflow run {run_id}",
+        description="Params, metrics per step and the registered adapter (`make mlflow-ui` serves the local store)",
+    )
     return run_id
 
 

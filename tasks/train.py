@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from chat_doctor.config import Config, section_hash
+from chat_doctor.config import Config, effective_batch, section_hash
 from chat_doctor.files import atomic_dir, content_hash, write_json
 from chat_doctor.modeling import device, load_base_model, load_tokenizer, resolve_dtype
 from chat_doctor.tokenized import IGNORE_INDEX, load_split
@@ -31,7 +31,7 @@ def run_dir_for(cfg: Config, tokenized: dict[str, str]) -> Path:
     grad_accum doubles, the effective batch stays, and training must resume in the same folder.
     """
     train = cfg.train.model_dump(exclude={"micro_batch_size", "grad_accum"})
-    train["effective_batch"] = cfg.train.micro_batch_size * cfg.train.grad_accum
+    train["effective_batch"] = effective_batch(cfg.train)
     key = hashlib.sha256(
         json.dumps([section_hash(cfg.model, cfg.lora), train, content_hash(Path(tokenized["train"]))]).encode()
     )
@@ -109,6 +109,9 @@ def train_in_process(cfg: Config, tokenized: dict[str, str], mlflow_run_id: str 
         target_modules=list(cfg.lora.target_modules),
         task_type="CAUSAL_LM",
     )
+    if "lm_head" in cfg.lora.target_modules:
+        extra = cfg.lora.r * (model.config.hidden_size + model.config.vocab_size)
+        print(f"warning: lora.target_modules includes lm_head: +{extra:,} adapter parameters, slower steps")
     model = get_peft_model(model, lora)
     # No KV cache in training: with one, transformers would not derive per-row attention from the
     # position ids of packed batches.
@@ -195,7 +198,10 @@ def run_train(cfg: Config, tokenized: dict[str, str], mlflow_run_id: str | None 
             mlflow_run_id,
             {"train.micro_batch_size_used": cfg.train.micro_batch_size, "train.grad_accum_used": cfg.train.grad_accum},
         )
-    child = subprocess.run([sys.executable, "-m", "tasks.train", str(spec)], check=False)
+    # The child's stdout (progress lines with ETA) is relayed line by line into this step's log.
+    with subprocess.Popen([sys.executable, "-m", "tasks.train", str(spec)], stdout=subprocess.PIPE, text=True) as child:
+        for line in child.stdout:
+            print(line.rstrip(), flush=True)
     result = json.loads(outcome.read_text()) if outcome.is_file() else None
     if child.returncode == 0 and result and result.get("adapter"):
         return result
@@ -210,12 +216,29 @@ def main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     cfg = Config.model_validate(spec["config"])
     outcome = Path(spec_path).parent / "outcome.json"
+    monitor = _system_metrics(spec["mlflow_run_id"])
     try:
         write_json(outcome, train_in_process(cfg, spec["tokenized"], spec["mlflow_run_id"]))
         return 0
     except Exception as err:
         write_json(outcome, {"oom": _is_oom(err), "error": f"{type(err).__name__}: {err}"})
         raise
+    finally:
+        if monitor:
+            monitor.finish()
+
+
+def _system_metrics(run_id: str | None):
+    """MLflow's CPU/GPU/memory sampler on the run, for the training process's lifetime."""
+    if not run_id:
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    from chat_doctor.tracking import tracking_uri
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=5, resume_logging=True, tracking_uri=tracking_uri())
+    monitor.start()
+    return monitor
 
 
 if __name__ == "__main__":

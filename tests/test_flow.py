@@ -51,6 +51,9 @@ def test_flow_trains_registers_and_versions_data(project, prefect_server):
     # The whole config is on the run as params.
     cfg = load_config("params.yaml", FAST)
     assert {k: str(v) for k, v in flatten(cfg).items()}.items() <= run.data.params.items()
+    assert run.data.params["train.effective_batch_size"] == "8"  # micro-batch 4 x accumulation 2
+    assert "train/peak_memory_gib" in run.data.metrics and "train/tokens_per_s" in run.data.metrics
+    assert any(key.startswith("system/") for key in run.data.metrics), "no system metrics sampled"
     # Train loss per logging step, with no gap.
     losses = client.get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in losses] == [2, 4, 6, 8, 10]
