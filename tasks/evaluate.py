@@ -9,6 +9,7 @@ the training loss used) and `samples.jsonl` (greedy answers of both models to a 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 from chat_doctor.config import Config
@@ -17,6 +18,8 @@ from chat_doctor.modeling import base_location, device, load_base_model, load_to
 from chat_doctor.prompts import build_prompt
 from chat_doctor.tokenized import IGNORE_INDEX, load_split
 from chat_doctor.tracking import log_metrics
+
+EVAL_OOM_ENV = "CHAT_DOCTOR_EVAL_OOM_AT_BATCH"  # out-of-memory whenever the eval batch has this size
 
 
 def eval_loss(model, tokenizer, dataset, batch_size: int) -> float:
@@ -41,14 +44,14 @@ def eval_loss(model, tokenizer, dataset, batch_size: int) -> float:
     return total / count
 
 
-def generate_answers(model, tokenizer, prompts: list[str], cfg: Config) -> list[dict]:
+def generate_answers(model, tokenizer, prompts: list[str], cfg: Config, batch_size: int) -> list[dict]:
     """Greedy answers, batched with left padding; `stopped` says whether EOS came before the limit."""
     import torch
 
     tokenizer.padding_side = "left"
     results = []
-    for start in range(0, len(prompts), cfg.evaluate.batch_size):
-        chunk = prompts[start : start + cfg.evaluate.batch_size]
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
         batch = tokenizer(chunk, return_tensors="pt", padding=True).to(model.device)
         with torch.no_grad():
             out = model.generate(
@@ -66,9 +69,29 @@ def generate_answers(model, tokenizer, prompts: list[str], cfg: Config) -> list[
     return results
 
 
+def with_smaller_batches(work, batch_size: int, what: str):
+    """work(batch_size), halving the batch after out-of-memory until it fits (or 1 does not)."""
+    import torch
+
+    while True:
+        try:
+            if os.environ.get(EVAL_OOM_ENV) == str(batch_size):  # fault injection for tests and demos
+                raise torch.OutOfMemoryError(f"out of memory (injected by {EVAL_OOM_ENV} at batch {batch_size})")
+            return work(batch_size)
+        except torch.OutOfMemoryError as err:
+            if batch_size == 1:
+                raise RuntimeError(f"{what}: out of memory at evaluate.batch_size 1 ({err})") from err
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            batch_size //= 2
+            print(f"{what}: out of memory, retrying with evaluate.batch_size {batch_size}")
+
+
 def _score(model, tokenizer, eval_set, prompts: list[str], cfg: Config) -> tuple[dict, list[dict]]:
-    loss = eval_loss(model, tokenizer, eval_set, cfg.evaluate.batch_size)
-    return {"loss": loss, "perplexity": math.exp(loss)}, generate_answers(model, tokenizer, prompts, cfg)
+    size = cfg.evaluate.batch_size
+    loss = with_smaller_batches(lambda b: eval_loss(model, tokenizer, eval_set, b), size, "eval loss")
+    answers = with_smaller_batches(lambda b: generate_answers(model, tokenizer, prompts, cfg, b), size, "generation")
+    return {"loss": loss, "perplexity": math.exp(loss)}, answers
 
 
 def run_evaluate(

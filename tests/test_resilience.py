@@ -71,3 +71,17 @@ def test_sigkill_mid_checkpoint_then_rerun_resumes_from_the_last_complete_one(pr
     assert [m.step for m in client.get_metric_history(second.info.run_id, "train/loss")] == [3, 4, 5, 6]
     loaded = mlflow.transformers.load_model("models:/chat-doctor-adapter@candidate", return_type="components")
     assert loaded["model"].peft_config["default"].r == 16
+
+
+def test_evaluation_halves_its_batch_after_out_of_memory(monkeypatch, capsys):
+    """Out-of-memory at eval batch 8: the work is redone at batch 4; at batch 1 it stops with a message."""
+    from tasks.evaluate import with_smaller_batches
+
+    monkeypatch.setenv("CHAT_DOCTOR_EVAL_OOM_AT_BATCH", "8")
+    sizes = []
+    assert with_smaller_batches(lambda b: sizes.append(b) or b * 10, 8, "eval loss") == 40
+    assert sizes == [4]
+    assert "eval loss: out of memory, retrying with evaluate.batch_size 4" in capsys.readouterr().out
+    monkeypatch.setenv("CHAT_DOCTOR_EVAL_OOM_AT_BATCH", "1")
+    with pytest.raises(RuntimeError, match=r"generation: out of memory at evaluate\.batch_size 1"):
+        with_smaller_batches(lambda b: b, 1, "generation")
