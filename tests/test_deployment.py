@@ -90,3 +90,24 @@ def test_flow_run_retry_skips_finished_steps_and_resumes(project, prefect_server
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     steps = [m.step for m in mlflow_client.get_metric_history(runs[0].info.run_id, "train/loss")]
     assert steps == [1, 2, 3, 4, 4, 5, 6]  # failed during step 5; resumed from checkpoint-3, so 4 runs twice
+
+
+def test_sigkilled_training_resumes_when_the_deployment_runs_again(project, prefect_server):
+    """SIGKILL while checkpoint-4 is being written; the next deployment run resumes from checkpoint-2
+    (the torn one is ignored), skips the data steps and registers a valid adapter."""
+    overrides = {"train.max_steps": 6, "train.save_steps": 2, "train.logging_steps": 1, "evaluate.samples": 1}
+    with served_deployment(prefect_server, CHAT_DOCTOR_KILL_AT_SAVE="4") as env:
+        first = run_deployment(env, overrides)
+        assert first.returncode == 1 and "Failed" in first.stdout, first.stdout + first.stderr
+        checkpoints = next(Path("runs").glob("run-*")) / "checkpoints"
+        assert (checkpoints / "checkpoint-4").is_dir() and not (checkpoints / "checkpoint-4" / ".complete").exists()
+        again = run_deployment(env, overrides)
+    assert again.returncode == 0, again.stdout + again.stderr
+    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", again.stdout).group(1)
+    states = task_states(flow_run_id)
+    assert states["sample"] == "Cached" and states["tokenize"] == "Cached"
+    client = mlflow.MlflowClient(tracking_uri())
+    version = client.get_model_version_by_alias("chat-doctor-adapter", "candidate")
+    assert [m.step for m in client.get_metric_history(version.run_id, "train/loss")] == [3, 4, 5, 6]
+    loaded = mlflow.transformers.load_model("models:/chat-doctor-adapter@candidate", return_type="components")
+    assert loaded["model"].peft_config["default"].r == 16

@@ -48,31 +48,6 @@ def test_out_of_memory_at_micro_batch_one_says_what_to_change(project, prefect_s
         state.result()
 
 
-def test_sigkill_mid_checkpoint_then_rerun_resumes_from_the_last_complete_one(project, prefect_server, monkeypatch):
-    from flows.finetune import finetune
-
-    monkeypatch.setenv("CHAT_DOCTOR_KILL_AT_SAVE", "4")
-    first = finetune(overrides=STEPS, return_state=True)
-    assert first.is_failed()
-    with pytest.raises(Exception, match="exit code -9"):
-        first.result()
-    run_dir = next(Path("runs").glob("run-*"))
-    checkpoints = run_dir / "checkpoints"
-    assert (checkpoints / "checkpoint-4").is_dir() and not (checkpoints / "checkpoint-4" / ".complete").exists()
-    assert not (run_dir / "adapter").exists()
-
-    again = finetune(overrides=STEPS, return_state=True)  # as a rerun of the deployment would
-    assert again.is_completed(), again.message
-    states = task_states(again.state_details.flow_run_id)
-    assert states["sample"] == "Cached" and states["tokenize"] == "Cached"
-    client = mlflow.MlflowClient(tracking_uri())
-    second = _run(client)[-1]
-    # Resumed from checkpoint-2 (the torn checkpoint-4 is ignored): steps 3-6 only.
-    assert [m.step for m in client.get_metric_history(second.info.run_id, "train/loss")] == [3, 4, 5, 6]
-    loaded = mlflow.transformers.load_model("models:/chat-doctor-adapter@candidate", return_type="components")
-    assert loaded["model"].peft_config["default"].r == 16
-
-
 def test_evaluation_halves_its_batch_after_out_of_memory(monkeypatch, capsys):
     """Out-of-memory at eval batch 8: the work is redone at batch 4; at batch 1 it stops with a message."""
     from tasks.evaluate import with_smaller_batches
