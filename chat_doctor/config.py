@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 PARAMS_FILE = "params.yaml"
 # Data outputs tracked by DVC (dvc.yaml names the same folders).
@@ -150,16 +150,60 @@ class MergeConfig(_Section):
 
 
 class EvaluateConfig(_Section):
-    batch_size: int = Field(8, gt=0, description="Rows per eval forward pass.")
-    samples: int = Field(3, ge=0, description="Eval prompts answered by base and tuned model, for the report.")
-    max_new_tokens: int = Field(48, gt=0, description="Generation limit per sample answer.")
-    repetition_penalty: float = Field(1.15, ge=1.0, description="The original notebook's setting.")
+    batch_size: int = Field(8, gt=0, description="Rows per eval forward pass and per generation batch (halved on OOM).")
+    rows: int = Field(
+        40, gt=0, description="Eval rows each model answers (generation is the slow part); loss uses every row."
+    )
+    max_new_tokens: int = Field(125, gt=0, description="Generation limit per answer (the original's 125).")
+    repetition_penalty: float = Field(1.15, ge=1.0, description="The original notebook's setting; 1.0 = off.")
+    source: str | None = Field(
+        None,
+        description="Extra eval rows besides the eval split, e.g. held-out real rows: a local file or folder "
+        "or hub id (formats and columns as data.*). When set, promotion is judged on these rows.",
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _source_exists(cls, value: str | None) -> str | None:
+        if value and value.startswith(("/", ".", "~")) and not Path(value).expanduser().exists():
+            raise ValueError(f"{value!r} does not exist")
+        return value
+
+
+# Figures every evaluation reports for each model; True where higher is better.
+METRICS = {
+    "loss": False,
+    "perplexity": False,
+    "rougeL": True,
+    "similarity": True,
+    "eos_rate": True,
+    "repetition": False,
+}
 
 
 class RegisterConfig(_Section):
     experiment: str = Field("chat-doctor", min_length=1, description="MLflow experiment.")
     model_name: str = Field("chat-doctor-adapter", min_length=1, description="Registered model name.")
     alias: str = Field("candidate", min_length=1, description="Alias moved to each new version.")
+    champion_alias: str = Field(
+        "champion", min_length=1, description="Alias moved only when a version beats the base and the champion."
+    )
+    promote_metric: Literal["loss", "perplexity", "rougeL", "similarity", "eos_rate", "repetition"] = Field(
+        "loss", description="What promotion compares. Loss is the least noisy on small eval sets."
+    )
+    min_improvement: float = Field(
+        0.0, ge=0, description="How much better (in the metric's units) a version must be to be promoted."
+    )
+    register_merged: bool = Field(
+        False, description="Also register the merged full-precision model as `<model_name>-merged` (14 GB for 7B)."
+    )
+
+    @field_validator("champion_alias")
+    @classmethod
+    def _aliases_differ(cls, value: str, info: ValidationInfo) -> str:
+        if value == info.data.get("alias"):
+            raise ValueError("must differ from registry.alias (the newest version's alias)")
+        return value
 
 
 class Config(_Section):
@@ -195,7 +239,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "save_steps": 50,
             "save_total_limit": 3,
         },
-        "evaluate": {"batch_size": 16, "samples": 8, "max_new_tokens": 125},
+        "evaluate": {"batch_size": 16, "rows": 500},
     },
 }
 

@@ -23,20 +23,23 @@ def _is_local(source: str) -> bool:
     return Path(source).expanduser().exists() or source.startswith(("/", ".", "~"))
 
 
-def open_source(cfg: DataConfig):
-    """The source as a memory-mapped `datasets.Dataset` (no copy of the rows held in RAM)."""
+def open_source(cfg: DataConfig, key: str = "data.source"):
+    """The source as a memory-mapped `datasets.Dataset` (no copy of the rows held in RAM).
+
+    `key` is the config key errors name (the eval step reads `evaluate.source` through here too).
+    """
     import datasets
 
     source = Path(cfg.source).expanduser()
     if not _is_local(cfg.source):
         return datasets.load_dataset(cfg.source, revision=cfg.revision, split=cfg.split)
     if not source.exists():
-        raise DataError(f"data.source: {cfg.source!r} does not exist")
+        raise DataError(f"{key}: {cfg.source!r} does not exist")
     if source.is_dir():
         try:
             loaded = datasets.load_from_disk(str(source))
         except FileNotFoundError as err:
-            raise DataError(f"data.source: {cfg.source!r} is not a save_to_disk folder ({err})") from None
+            raise DataError(f"{key}: {cfg.source!r} is not a save_to_disk folder ({err})") from None
         if isinstance(loaded, datasets.DatasetDict):
             if cfg.split not in loaded:
                 raise DataError(f"data.split: {cfg.split!r} not in {cfg.source} (has {sorted(loaded)})")
@@ -44,14 +47,14 @@ def open_source(cfg: DataConfig):
         return loaded
     builder = LOCAL_BUILDERS.get(source.suffix.lower())
     if builder is None:
-        raise DataError(f"data.source: {cfg.source!r}: unsupported file type, use one of {sorted(LOCAL_BUILDERS)}")
+        raise DataError(f"{key}: {cfg.source!r}: unsupported file type, use one of {sorted(LOCAL_BUILDERS)}")
     if builder in ("json", "csv"):
-        _check_utf8(source)
+        _check_utf8(source, key)
     try:
         return datasets.load_dataset(builder, data_files=str(source), split="train")
     except Exception as err:  # the loaders raise many types; the message is what the user needs
         detail = _locate_json_error(source) if builder == "json" else None
-        raise DataError(f"data.source: {cfg.source}: cannot be read as {builder}: {detail or err}") from None
+        raise DataError(f"{key}: {cfg.source}: cannot be read as {builder}: {detail or err}") from None
 
 
 def source_fingerprint(cfg: DataConfig, dataset) -> str:
@@ -60,7 +63,7 @@ def source_fingerprint(cfg: DataConfig, dataset) -> str:
     return f"hub:{cfg.source}@{cfg.revision or 'main'}:{dataset._fingerprint}"
 
 
-def _check_utf8(path: Path) -> None:
+def _check_utf8(path: Path, key: str) -> None:
     """Text sources must be UTF-8; name the line of the first byte that is not."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     line = 1
@@ -71,7 +74,7 @@ def _check_utf8(path: Path) -> None:
             except UnicodeDecodeError as err:
                 line += block[: err.start].count(b"\n")
                 raise DataError(
-                    f"data.source: {path} line {line}: not valid UTF-8 (byte 0x{block[err.start]:02x}); "
+                    f"{key}: {path} line {line}: not valid UTF-8 (byte 0x{block[err.start]:02x}); "
                     "re-save the file as UTF-8"
                 ) from None
             line += text.count("\n")

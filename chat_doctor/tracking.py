@@ -88,6 +88,12 @@ def log_artifact(run_id: str, path: str, artifact_path: str) -> None:
     client().log_artifact(run_id, path, artifact_path)
 
 
+def log_table(run_id: str, rows: list[dict], artifact_file: str) -> None:
+    """Rows as an MLflow table (shown in the run's Artifacts and Evaluation views)."""
+    columns = {key: [row[key] for row in rows] for key in rows[0]} if rows else {}
+    client().log_table(run_id, data=columns, artifact_file=artifact_file)
+
+
 def run_tags(run_id: str) -> dict[str, str]:
     return client().get_run(run_id).data.tags
 

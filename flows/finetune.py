@@ -1,4 +1,4 @@
-"""The `finetune` flow: sample -> tokenize -> (DVC) -> train -> merge -> evaluate -> register.
+"""The `finetune` flow: sample -> tokenize -> (DVC) -> eval-source -> train -> merge -> evaluate -> register.
 
 Run locally:        python -m flows.finetune [data.source=PATH train.max_steps=20 ...]
 Through Prefect:    prefect deployment run finetune/default --param overrides='{"train.max_steps": 20}'
@@ -23,6 +23,7 @@ from prefect.runtime import flow_run
 from chat_doctor.config import PARAMS_FILE, Config, cli_overrides, flatten, load_config, section_hash
 from chat_doctor.files import content_hash
 from chat_doctor.lineage import data_overrides, record_data_stages, write_params
+from chat_doctor.registry import champion_record
 from chat_doctor.tracking import (
     end_run,
     fail_runs_of,
@@ -35,7 +36,8 @@ from chat_doctor.tracking import (
     start_run,
     tracking_uri,
 )
-from tasks.evaluate import run_evaluate
+from tasks.eval_source import run_eval_source
+from tasks.evaluate import log_evaluation, run_evaluate
 from tasks.merge import run_merge
 from tasks.register import run_register
 from tasks.sample import run_sample
@@ -134,40 +136,53 @@ def train(cfg: Config, tokenized: dict[str, str], run_id: str) -> dict[str, str]
     return run_train(cfg, tokenized, run_id)
 
 
+@task(name="eval-source")
+def eval_source(cfg: Config, processed: dict[str, str]) -> dict[str, str] | None:
+    """Read and clean `evaluate.source` before training, so a bad file fails in seconds."""
+    return run_eval_source(cfg, processed["train"])
+
+
 @task(name="merge")
-def merge(cfg: Config, adapter: str) -> dict:
-    return run_merge(cfg, adapter)
+def merge(cfg: Config, adapter: str, lineage: dict) -> dict:
+    return run_merge(cfg, adapter, lineage)
 
 
 @task(name="evaluate")
-def evaluate(cfg: Config, tokenized: dict, processed: dict, merged: dict, run_id: str) -> dict[str, str]:
-    return run_evaluate(cfg, tokenized["eval"], processed["eval"], merged["merged"], run_id)
+def evaluate(cfg: Config, tokenized: dict, processed: dict, merged: dict, source: dict | None, run_id: str) -> dict:
+    champion = champion_record(cfg.registry.model_name, cfg.registry.champion_alias)
+    paths = run_evaluate(cfg, tokenized["eval"], processed["eval"], merged["merged"], source, champion)
+    log_evaluation(run_id, paths)
+    create_markdown_artifact(
+        key="eval-report",
+        markdown=Path(paths["summary"]).read_text(),
+        description="Base vs tuned (and champion): loss, ROUGE-L, similarity, EOS rate, repetition, length",
+    )
+    return paths
 
 
 @task(name="register")
-def register(cfg: Config, run_id: str, adapter: str, report: dict, lineage: dict) -> dict:
+def register(cfg: Config, run_id: str, trained: dict, merged: dict, report: dict, lineage: dict) -> dict:
     lineage = {
         **lineage,
         "git_commit": run_tags(run_id).get("git_commit", "unknown"),  # as it was when the run started
         "prefect.flow_run_id": str(flow_run.id),
         "config_hash": section_hash(cfg)[:16],
     }
-    registered = run_register(cfg, run_id, adapter, report["report"], lineage)
+    registered = run_register(cfg, run_id, trained["adapter"], merged["merged"], report["report"], lineage)
     end_run(run_id)
-    figures = json.loads(Path(report["report"]).read_text())
     create_markdown_artifact(
         key="finetune-result",
-        markdown=_summary(registered, figures, run_id),
-        description="Registered adapter and its eval figures",
+        markdown=_summary(registered, run_id),
+        description="Registered adapter, its aliases and the promotion decision",
     )
     return registered
 
 
-def _summary(registered: dict, figures: dict, run_id: str) -> str:
-    rows = "\n".join(f"| {m} | {figures[m]['loss']:.4f} | {figures[m]['perplexity']:.1f} |" for m in ("base", "tuned"))
+def _summary(registered: dict, run_id: str) -> str:
+    aliases = ", ".join(f"`{a}`" for a in registered["aliases"])
     return (
-        f"## {registered['name']} v{registered['version']}\n\nLoad: `{registered['uri']}`  \n"
-        f"MLflow run: `{run_id}` ({tracking_uri()})\n\n| model | eval loss | perplexity |\n|---|---|---|\n{rows}\n"
+        f"## {registered['name']} v{registered['version']} ({aliases})\n\n{registered['promotion']}\n\n"
+        f"Load: `{registered['uri']}`  \nMLflow run: `{run_id}` ({tracking_uri()})\n"
     )
 
 
@@ -183,10 +198,11 @@ def finetune(overrides: dict[str, Any] | None = None, params_file: str = PARAMS_
     processed = sample(cfg.data)
     tokenized = tokenize(cfg.tokenize, cfg.model, processed)
     lineage = version_data(run_id, processed, tokenized)
+    source = eval_source(cfg, processed)
     trained = train(cfg, tokenized, run_id)
-    merged = merge(cfg, trained["adapter"])
-    report = evaluate(cfg, tokenized, processed, merged, run_id)
-    return register(cfg, run_id, trained["adapter"], report, lineage)
+    merged = merge(cfg, trained["adapter"], lineage)
+    report = evaluate(cfg, tokenized, processed, merged, source, run_id)
+    return register(cfg, run_id, trained, merged, report, lineage)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,23 +1,33 @@
-"""Step `evaluate`: base vs tuned on the same eval rows.
+"""Step `evaluate`: base vs tuned (and the current champion) on the same rows, as one report.
 
-Reads params sections `model`, `tokenize` (template) and `evaluate`. Inputs: the tokenized eval
-split, the processed eval JSONL (for sample prompts) and the merged model. Outputs in
-`runs/<run>/eval/`: `report.json` (eval loss and perplexity of both models, over the answer tokens
-the training loss used) and `samples.jsonl` (greedy answers of both models to a few eval prompts).
+Reads params sections `model`, `tokenize` (template) and `evaluate`. Inputs: the tokenized and
+processed eval split, the cleaned `evaluate.source` rows when given, the merged model, and the
+champion's registry record. For each eval set and model: loss and perplexity over the answer tokens
+training used; batched greedy generation (left padding, KV cache, the original settings) scored
+with ROUGE-L, MiniLM similarity, EOS rate, repeated 3-gram rate and length. Outputs in
+`runs/<run>/eval/`: `report.json`, `samples.jsonl` (per-row answers and scores), `summary.md`,
+`chart.png`; the same figures as MLflow metrics and artifacts.
+
+The champion is scored again on these rows unless its registered figures came from the same rows
+and settings (same `eval_key`), so promotion always compares like with like.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
+import tempfile
 from pathlib import Path
 
 from chat_doctor.config import Config
-from chat_doctor.files import read_jsonl, write_json, write_jsonl
+from chat_doctor.eval_report import markdown_summary, plot_chart
+from chat_doctor.files import content_hash, read_jsonl, write_json, write_jsonl, write_text
+from chat_doctor.metrics import answer_figures
 from chat_doctor.modeling import base_location, device, load_base_model, load_tokenizer, resolve_dtype
 from chat_doctor.prompts import build_prompt
-from chat_doctor.tokenized import IGNORE_INDEX, load_split
-from chat_doctor.tracking import log_metrics
+from chat_doctor.tokenized import IGNORE_INDEX, load_split, tokenize_row
 
 EVAL_OOM_ENV = "CHAT_DOCTOR_EVAL_OOM_AT_BATCH"  # out-of-memory whenever the eval batch has this size
 
@@ -48,17 +58,17 @@ def generate_answers(model, tokenizer, prompts: list[str], cfg: Config, batch_si
     """Greedy answers, batched with left padding; `stopped` says whether EOS came before the limit."""
     import torch
 
-    tokenizer.padding_side = "left"
+    tokenizer.padding_side = "left"  # new tokens follow the prompt directly in every row
     results = []
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        batch = tokenizer(chunk, return_tensors="pt", padding=True).to(model.device)
+        batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(model.device)
         with torch.no_grad():
             out = model.generate(
                 **batch,
                 max_new_tokens=cfg.evaluate.max_new_tokens,
                 do_sample=False,
                 repetition_penalty=cfg.evaluate.repetition_penalty,
+                use_cache=True,  # training saved use_cache=False in the config
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
             )
@@ -87,43 +97,139 @@ def with_smaller_batches(work, batch_size: int, what: str):
             print(f"{what}: out of memory, retrying with evaluate.batch_size {batch_size}")
 
 
-def _score(model, tokenizer, eval_set, prompts: list[str], cfg: Config) -> tuple[dict, list[dict]]:
-    size = cfg.evaluate.batch_size
-    loss = with_smaller_batches(lambda b: eval_loss(model, tokenizer, eval_set, b), size, "eval loss")
-    answers = with_smaller_batches(lambda b: generate_answers(model, tokenizer, prompts, cfg, b), size, "generation")
-    return {"loss": loss, "perplexity": math.exp(loss)}, answers
+def _eval_sets(cfg: Config, tokenizer, tokenized_eval: str, processed_eval: str, source: dict | None) -> dict:
+    """{name: {"path", "rows", "dataset"}}: the eval split, and the extra source tokenized like it."""
+    import datasets
+
+    sets = {"eval_split": {"path": processed_eval, "rows": read_jsonl(Path(processed_eval))}}
+    sets["eval_split"]["dataset"] = load_split(tokenized_eval)
+    if source:
+        rows = read_jsonl(Path(source["rows"]))
+        encoded = [tokenize_row(tokenizer, cfg.tokenize, row) for row in rows]
+        kept = [(ids, labels) for ids, labels, status in encoded if status != "dropped"]
+        columns = {"input_ids": [ids for ids, _ in kept], "labels": [labels for _, labels in kept]}
+        sets["source"] = {"path": source["rows"], "rows": rows, "dataset": datasets.Dataset.from_dict(columns)}
+    return sets
+
+
+def eval_key(cfg: Config, rows_file: str) -> str:
+    """Identifies the rows and settings figures come from; equal keys = comparable figures."""
+    settings = cfg.evaluate.model_dump(exclude={"batch_size", "source"})
+    parts = [cfg.model.base, cfg.model.revision, cfg.tokenize.model_dump(), settings, content_hash(Path(rows_file))]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _score(model, tokenizer, sets: dict, cfg: Config) -> dict:
+    """{set: {"figures", "answers"}} for one model."""
+    size, out = cfg.evaluate.batch_size, {}
+    for name, eval_set in sets.items():
+        loss = with_smaller_batches(lambda b, s=eval_set: eval_loss(model, tokenizer, s["dataset"], b), size, "loss")
+        rows = eval_set["rows"][: cfg.evaluate.rows]
+        prompts = [build_prompt(cfg.tokenize.template, row["input"]) for row in rows]
+        answers = with_smaller_batches(
+            lambda b, p=prompts: generate_answers(model, tokenizer, p, cfg, b), size, "generation"
+        )
+        means, per_row = answer_figures(answers, [row["output"] for row in rows])
+        scored = [{**a, **scores} for a, scores in zip(answers, per_row, strict=True)]
+        out[name] = {"figures": {"loss": loss, "perplexity": math.exp(min(loss, 700)), **means}, "answers": scored}
+    return out
+
+
+def _champion(cfg: Config, base, tokenizer, sets: dict, key: str, champion: dict | None) -> tuple[dict | None, dict]:
+    """(champion's scores on these sets or None, what the report says about it). Merges into `base`."""
+    if champion is None:
+        return None, {}
+    info = {"version": champion["version"]}
+    if champion.get("eval_key") == key:
+        return None, {**info, "figures": "registered (same rows and settings)", "gate": champion["figures"]}
+    if (champion.get("base_model"), champion.get("base_revision")) != (cfg.model.base, str(cfg.model.revision)):
+        return None, {**info, "figures": f"not comparable: trained on base {champion.get('base_model')!r}"}
+    from peft import PeftModel
+
+    from chat_doctor.registry import download_adapter
+
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = download_adapter(cfg.registry.model_name, champion["version"], Path(tmp))
+        merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    return _score(merged, tokenizer, sets, cfg), {**info, "figures": "scored again on these rows"}
 
 
 def run_evaluate(
-    cfg: Config, tokenized_eval: str, processed_eval: str, merged: str, mlflow_run_id: str | None = None
-) -> dict[str, str]:
-    """Write the eval report and samples; return their paths and the headline figures."""
+    cfg: Config,
+    tokenized_eval: str,
+    processed_eval: str,
+    merged: str,
+    eval_source: dict | None = None,
+    champion: dict | None = None,
+) -> dict:
+    """Score base, tuned (and champion); write the report files; return their paths."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(cfg.model, merged)
-    eval_set = load_split(tokenized_eval)
-    rows = read_jsonl(Path(processed_eval))[: cfg.evaluate.samples]
-    prompts = [build_prompt(cfg.tokenize.template, row["input"]) for row in rows]
-    dtype = resolve_dtype(cfg.merge.dtype)
+    sets = _eval_sets(cfg, tokenizer, tokenized_eval, processed_eval, eval_source)
+    gate = "source" if eval_source else "eval_split"
+    key = eval_key(cfg, sets[gate]["path"])
+    scores = {}
     base = load_base_model(cfg.model, quantized=False, dtype_name=cfg.merge.dtype)
-    base_scores, base_answers = _score(base, tokenizer, eval_set, prompts, cfg)
+    scores["base"] = _score(base, tokenizer, sets, cfg)
+    champion_scores, champion_info = _champion(cfg, base, tokenizer, sets, key, champion)  # reuses the base
     del base
-    tuned = AutoModelForCausalLM.from_pretrained(merged, dtype=dtype, device_map={"": device()})
-    tuned_scores, tuned_answers = _score(tuned, tokenizer, eval_set, prompts, cfg)
-    out = Path(merged).parent / "eval"
+    tuned = AutoModelForCausalLM.from_pretrained(
+        merged, dtype=resolve_dtype(cfg.merge.dtype), device_map={"": device()}
+    )
+    scores["tuned"] = _score(tuned, tokenizer, sets, cfg)
+    if champion_scores:
+        scores["champion"] = champion_scores
     report = {
         "base_model": base_location(cfg.model),
-        "eval_rows": len(eval_set),
-        "base": base_scores,
-        "tuned": tuned_scores,
+        "gate_set": gate,
+        "eval_key": key,
+        "generation": cfg.evaluate.model_dump(include={"max_new_tokens", "repetition_penalty", "rows"}),
+        "champion": champion_info or None,
+        "sets": {
+            name: {
+                "rows": len(eval_set["dataset"]),
+                "generated": min(cfg.evaluate.rows, len(eval_set["rows"])),
+                "source": eval_set["path"],
+                "models": {model: scores[model][name]["figures"] for model in scores},
+            }
+            for name, eval_set in sets.items()
+        },
     }
+    if eval_source:
+        report["sets"]["source"]["cleaning"] = json.loads(Path(eval_source["report"]).read_text())
+    if "gate" in champion_info:  # registered figures of the champion, on these very rows
+        report["sets"][gate]["models"]["champion"] = champion_info.pop("gate")
     samples = [
-        {"query": row["input"], "reference": row["output"], "base": b, "tuned": t}
-        for row, b, t in zip(rows, base_answers, tuned_answers, strict=True)
+        {"set": name, "query": row["input"], "reference": row["output"]}
+        | {model: scores[model][name]["answers"][i] for model in scores}
+        for name, eval_set in sets.items()
+        for i, row in enumerate(eval_set["rows"][: cfg.evaluate.rows])
     ]
-    write_json(out / "report.json", report)
+    out = Path(merged).parent / "eval"
     write_jsonl(out / "samples.jsonl", samples)
-    if mlflow_run_id:
-        figures = {f"eval/{m}_{k}": report[m][k] for m in ("base", "tuned") for k in ("loss", "perplexity")}
+    write_text(out / "summary.md", markdown_summary(report, samples))
+    plot_chart(report, out / "chart.png")
+    write_json(out / "report.json", report)  # last: its presence means the evaluation is complete
+    files = {"report": "report.json", "samples": "samples.jsonl", "summary": "summary.md", "chart": "chart.png"}
+    return {name: str(out / file) for name, file in files.items()}
+
+
+def log_evaluation(mlflow_run_id: str, paths: dict[str, str]) -> None:
+    """Figures as MLflow metrics (`eval/` for the eval split, `eval_source/` for the extra rows), the
+    files as artifacts, and the per-row answers as an MLflow table."""
+    from chat_doctor.tracking import log_artifact, log_metrics, log_table
+
+    report = json.loads(Path(paths["report"]).read_text())
+    for name, result in report["sets"].items():
+        prefix = "eval" if name == "eval_split" else "eval_source"
+        figures = {f"{prefix}/{model}_{k}": v for model, fig in result["models"].items() for k, v in fig.items()}
         log_metrics(mlflow_run_id, figures)
-    return {"report": str(out / "report.json"), "samples": str(out / "samples.jsonl")}
+    for path in paths.values():
+        log_artifact(mlflow_run_id, path, "eval")
+    rows = [
+        {"set": r["set"], "query": r["query"], "reference": r["reference"]}
+        | {f"{m}_{k}": r[m][k] for m in ("base", "tuned") for k in ("answer", "stopped", "rougeL", "similarity")}
+        for r in read_jsonl(Path(paths["samples"]))
+    ]
+    log_table(mlflow_run_id, rows, "eval/answers.json")

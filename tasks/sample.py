@@ -18,31 +18,8 @@ import numpy as np
 from chat_doctor.cleaning import looks_cut_off, near_duplicate_key
 from chat_doctor.config import PROCESSED_DIR, DataConfig, load_config
 from chat_doctor.files import write_json, write_jsonl
-from chat_doctor.rows import REQUIRED, check_row, clean_row
+from chat_doctor.rows import REQUIRED, check_columns, in_batches, prepare_row, validate_all
 from chat_doctor.sources import DataError, open_source, source_fingerprint
-
-
-def _check_columns(cfg: DataConfig, dataset) -> None:
-    missing = [cfg.columns[f] for f in REQUIRED if cfg.columns[f] not in dataset.column_names]
-    if missing:
-        raise DataError(
-            f"data.source: {cfg.source}: missing column(s) {missing}; it has {dataset.column_names} "
-            f"(map yours with data.columns)"
-        )
-
-
-def _batches(dataset, indices: list[int], size: int = 1024):
-    for start in range(0, len(indices), size):
-        chunk = indices[start : start + size]
-        yield from zip(chunk, dataset.select(chunk).to_list(), strict=True)
-
-
-def validate_all(cfg: DataConfig, dataset) -> None:
-    """Strict mode: the first invalid row of the whole source is an error naming row and field."""
-    for index, raw in _batches(dataset, list(range(len(dataset))), 4096):
-        _, problem = check_row(raw, cfg)
-        if problem:
-            raise DataError(problem.describe(cfg.source, index + 1, cfg.columns[problem.field]))
 
 
 def _length_stats(rows: list[dict], field: str) -> dict:
@@ -52,7 +29,7 @@ def _length_stats(rows: list[dict], field: str) -> dict:
 
 def sample_rows(cfg: DataConfig, dataset) -> tuple[list[dict], list[dict], dict]:
     """Seeded sample of `cfg.rows` valid, cleaned, distinct rows, split into (train, eval, report)."""
-    _check_columns(cfg, dataset)
+    check_columns(cfg, dataset.column_names)
     if cfg.rows > len(dataset):
         raise DataError(f"data.rows = {cfg.rows} is larger than the source ({len(dataset)} rows in {cfg.source})")
     if cfg.strict:
@@ -61,18 +38,14 @@ def sample_rows(cfg: DataConfig, dataset) -> tuple[list[dict], list[dict], dict]
     kept, seen_exact, seen_near = [], set(), set()
     read, dropped, changed, cut_off = 0, Counter(), Counter(), 0
     # Walk the shuffled source until N good rows are kept; each drop and change is counted.
-    for _, raw in _batches(dataset, order):
+    for _, raw in in_batches(dataset, order):
         if len(kept) == cfg.rows:
             break
         read += 1
-        row, problem = check_row(raw, cfg)
-        if problem:
-            dropped[f"{problem.field}: {problem.reason.split(' (')[0]}"] += 1
-            continue
-        row, rules = clean_row(row, cfg)
+        row, drop, rules = prepare_row(raw, cfg)
         changed.update(rules)
-        if not row["input"] or not row["output"]:
-            dropped["empty after cleaning"] += 1
+        if drop:
+            dropped[drop] += 1
             continue
         if looks_cut_off(row["output"]):
             cut_off += 1

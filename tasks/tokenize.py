@@ -16,29 +16,7 @@ from pathlib import Path
 from chat_doctor.config import PROCESSED_DIR, TOKENIZED_DIR, ModelConfig, TokenizeConfig, load_config
 from chat_doctor.files import read_jsonl, write_json
 from chat_doctor.modeling import load_tokenizer
-from chat_doctor.prompts import build_example
-from chat_doctor.tokenized import IGNORE_INDEX, write_split
-
-MIN_ANSWER_TOKENS = 8  # rows whose prompt leaves less room than this are dropped, not trained on
-
-
-def tokenize_row(tokenizer, cfg: TokenizeConfig, row: dict) -> tuple[list[int], list[int], str | None]:
-    """(input_ids, labels, status) for one row; status is None, "truncated" or "dropped"."""
-    text, answer_start = build_example(cfg.template, row["input"], row["output"])
-    encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
-    ids = list(encoded["input_ids"])
-    # Tokens that start before the answer's first character belong to the prompt.
-    n_prompt = sum(1 for start, _ in encoded["offset_mapping"] if start < answer_start)
-    if n_prompt > cfg.max_length - MIN_ANSWER_TOKENS:
-        return [], [], "dropped"
-    status = None
-    if len(ids) + 1 > cfg.max_length:
-        ids, status = ids[: cfg.max_length - 1], "truncated"
-    ids.append(tokenizer.eos_token_id)
-    labels = list(ids)
-    if cfg.loss_on == "completion":
-        labels[:n_prompt] = [IGNORE_INDEX] * n_prompt
-    return ids, labels, status
+from chat_doctor.tokenized import IGNORE_INDEX, tokenize_row, write_split
 
 
 def run_tokenize(

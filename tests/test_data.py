@@ -10,9 +10,9 @@ from chat_doctor.config import DataConfig, ModelConfig, TokenizeConfig
 from chat_doctor.files import read_jsonl
 from chat_doctor.sources import DataError
 from chat_doctor.synthetic import generate
-from chat_doctor.tokenized import IGNORE_INDEX, load_split
+from chat_doctor.tokenized import IGNORE_INDEX, load_split, tokenize_row
 from tasks.sample import run_sample
-from tasks.tokenize import run_tokenize, tokenize_row
+from tasks.tokenize import run_tokenize
 from tests.conftest import REAL_ROWS, needs_real_rows
 
 

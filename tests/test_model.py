@@ -123,3 +123,77 @@ def test_packed_batches_attend_only_within_a_row(project, monkeypatch, source):
         for start, end in itertools.pairwise([*starts, len(ids)]):
             alone = model(input_ids=ids[None, start:end], use_cache=False).logits[0]
             torch.testing.assert_close(packed[start:end], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_a_wrong_merge_fails_and_saves_nothing(trained, monkeypatch):
+    from peft.tuners.tuners_utils import BaseTuner
+
+    from tasks.merge import MergeMismatch
+
+    cfg, _, out, _ = trained
+    monkeypatch.setattr(BaseTuner, "merge_and_unload", lambda self, *a, **k: self.unload())  # adapter dropped
+    with pytest.raises(MergeMismatch, match=r"merged logits differ from base \+ adapter by .* not saved"):
+        run_merge(cfg, out["adapter"])
+    assert not (Path(out["run_dir"]) / "merged").exists()
+
+
+def test_evaluation_report_and_all_or_nothing_registration(trained, monkeypatch):
+    import mlflow
+
+    from chat_doctor.config import METRICS
+    from chat_doctor.model_card import DISCLAIMER
+    from chat_doctor.tracking import start_run, tracking_uri
+    from tasks.evaluate import run_evaluate
+    from tasks.register import run_register
+
+    cfg, tokenized, out, _ = trained
+    cfg = cfg.model_copy(
+        update={
+            "evaluate": cfg.evaluate.model_copy(update={"rows": 3, "max_new_tokens": 8}),
+            "registry": cfg.registry.model_copy(update={"register_merged": True}),
+        }
+    )
+    merged = run_merge(cfg, out["adapter"], {"dvc.data/processed": "0123abcd"})
+    paths = run_evaluate(cfg, tokenized["eval"], "data/processed/eval.jsonl", merged["merged"])
+    report = json.loads(Path(paths["report"]).read_text())
+    figures = report["sets"]["eval_split"]["models"]
+    for model in ("base", "tuned"):
+        assert set(METRICS) | {"words"} <= set(figures[model]), model
+    assert figures["tuned"]["loss"] < figures["base"]["loss"]
+    samples = [json.loads(line) for line in Path(paths["samples"]).read_text().splitlines()]
+    assert len(samples) == 3 and all(len(s["tuned"]["answer"].split()) <= 8 for s in samples)
+    assert Path(paths["chart"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| tuned |" in Path(paths["summary"]).read_text()
+
+    run_id = start_run("chat-doctor", "test", {}, {})
+    lineage = {"dvc.data/processed": "0123abcd", "git_commit": "f" * 40}
+    first = run_register(cfg, run_id, out["adapter"], merged["merged"], paths["report"], lineage)
+    assert first["version"] == 1 and first["aliases"] == ["candidate", "champion"]
+    client = mlflow.MlflowClient(tracking_uri())
+    version = client.get_model_version_by_alias("chat-doctor-adapter", "champion")
+    assert (
+        version.tags["promotion.decision"] == "promoted" and "there was no champion" in version.tags["promotion.reason"]
+    )
+    assert float(version.tags["eval.tuned.loss"]) == pytest.approx(figures["tuned"]["loss"], rel=1e-5)
+    assert int(client.get_model_version_by_alias("chat-doctor-adapter-merged", "champion").version) == 1
+    for folder in (out["adapter"], merged["merged"]):
+        card = (Path(folder) / "README.md").read_text()
+        assert DISCLAIMER in card and "0123abcd" in card and "| tuned |" in card and "Promoted to `champion`" in card
+    assert version.description.startswith("---\nbase_model: tiny")
+
+    # A failure while moving the aliases deletes the new versions and leaves the aliases where they were.
+    calls = []
+    real = mlflow.MlflowClient.set_registered_model_alias
+
+    def fail_once(self, *args):
+        calls.append(args)
+        if len(calls) == 1:
+            raise RuntimeError("registry went away")
+        return real(self, *args)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", fail_once)
+    with pytest.raises(RuntimeError, match="registry went away"):
+        run_register(cfg, run_id, out["adapter"], merged["merged"], paths["report"], lineage)
+    for name in ("chat-doctor-adapter", "chat-doctor-adapter-merged"):
+        assert [int(v.version) for v in client.search_model_versions(f"name = '{name}'")] == [1]
+        assert int(client.get_model_version_by_alias(name, "champion").version) == 1

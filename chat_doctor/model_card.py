@@ -1,0 +1,65 @@
+"""The model card (README.md) written beside the adapter and the merged model and shown in the registry:
+what the model is, where it came from, how it scored, and what it must not be used for."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from chat_doctor.config import Config, section_hash
+from chat_doctor.eval_report import figures_table
+from chat_doctor.files import write_text
+
+DISCLAIMER = (
+    "This model is a research demonstration. Its answers are not medical advice, can be wrong or "
+    "dangerous, and must not replace a doctor. In an emergency call your local emergency number."
+)
+
+
+def render_card(cfg: Config, lineage: dict, report: dict | None, promotion: str | None, kind: str) -> str:
+    """Markdown with a Hugging Face-style front matter; `kind` is `adapter` or `merged`."""
+    library = "peft" if kind == "adapter" else "transformers"
+    data_hashes = "\n".join(f"- `{k.removeprefix('dvc.')}`: `{v}`" for k, v in lineage.items() if k.startswith("dvc."))
+    others = {k: v for k, v in lineage.items() if not k.startswith("dvc.")}
+    lora = cfg.lora.model_dump()
+    quantized = f"4 bit ({cfg.model.quant_type})" if cfg.model.load_in_4bit else "full precision"
+    parts = [
+        f"---\nbase_model: {cfg.model.base}\nlibrary_name: {library}\npipeline_tag: text-generation\n"
+        "tags: [medical, qlora, chat-doctor]\n---\n",
+        f"# chat-doctor {kind}\n",
+        f"A {'LoRA adapter' if kind == 'adapter' else 'merged full-precision model'} fine-tuned from "
+        f"`{cfg.model.base}` (revision `{cfg.model.revision or 'default'}`) to answer patient questions "
+        f"in the style of doctors' replies, with the `{cfg.tokenize.template}` prompt template.\n",
+        f"## Not medical advice\n\n{DISCLAIMER}\n",
+        "## Intended use\n\nResearch on domain fine-tuning and evaluation of chat assistants. Not for "
+        "diagnosis, treatment or any decision about a person's health.\n",
+        f"## Training data\n\nSource `{cfg.data.source}`, {cfg.data.rows} rows sampled with seed "
+        f"{cfg.data.seed}, {cfg.data.eval_fraction:.0%} held out. DVC hashes (`dvc.lock`):\n\n"
+        f"{data_hashes or '- not recorded'}\n",
+        f"## Training\n\nLoRA r={lora['r']}, alpha={lora['alpha']}, dropout={lora['dropout']} on "
+        f"{', '.join(lora['target_modules'])}; {cfg.train.max_steps} steps, learning rate "
+        f"{cfg.train.learning_rate}, base in {quantized}. "
+        f"Config hash `{section_hash(cfg)[:16]}`.\n",
+    ]
+    if report:
+        for name, result in report["sets"].items():
+            parts.append(f"## Evaluation: {name} ({result['rows']} rows, {result['generated']} answered)\n")
+            parts.append(figures_table(result["models"]))
+    else:
+        parts.append("## Evaluation\n\nNot evaluated yet.\n")
+    if promotion:
+        parts.append(f"## Promotion\n\n{promotion}\n")
+    if others:
+        parts.append("## Lineage\n\n" + "\n".join(f"- {k}: `{v}`" for k, v in sorted(others.items())) + "\n")
+    return "\n".join(parts)
+
+
+def write_cards(cfg: Config, folders: dict[str, str], lineage: dict, report_path: str | None, promotion=None) -> str:
+    """README.md into each {kind: folder}; returns the adapter's card text."""
+    report = json.loads(Path(report_path).read_text()) if report_path else None
+    text = ""
+    for kind, folder in folders.items():
+        card = render_card(cfg, lineage, report, promotion, kind)
+        write_text(Path(folder) / "README.md", card)
+        text = card if kind == "adapter" else text or card
+    return text

@@ -1,0 +1,72 @@
+"""Step `eval-source`: read the optional extra eval rows (`evaluate.source`) before training.
+
+Reads params sections `evaluate` (source) and `data` (columns, strict, max_chars, cleaning rules).
+Input: the source (same formats as `data.source`) and the processed train split (to count overlap).
+Outputs in `runs/eval-sources/<content hash>/`: `rows.jsonl` (valid, cleaned, distinct rows) and
+`report.json` (read, dropped, changed, overlap with the training rows). Runs before training so a
+bad file fails in seconds, not after hours on a GPU.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from chat_doctor.config import Config
+from chat_doctor.files import read_jsonl, write_json, write_jsonl
+from chat_doctor.rows import check_columns, in_batches, prepare_row, validate_all
+from chat_doctor.sources import DataError, open_source, source_fingerprint
+
+KEY = "evaluate.source"
+
+
+def _source_config(cfg: Config):
+    """data.* rules (columns, strict, max_chars, cleaning) applied to the eval source."""
+    return cfg.data.model_copy(update={"source": cfg.evaluate.source, "revision": None})
+
+
+def clean_eval_rows(cfg: Config, dataset, train_inputs: set[str]) -> tuple[list[dict], dict]:
+    """Valid, cleaned, distinct rows of `dataset` and what happened to the others."""
+    data_cfg = _source_config(cfg)
+    check_columns(data_cfg, dataset.column_names, KEY)
+    if data_cfg.strict:
+        validate_all(data_cfg, dataset, KEY)
+    rows, seen, dropped, changed = [], set(), Counter(), Counter()
+    for _, raw in in_batches(dataset, list(range(len(dataset)))):
+        row, drop, rules = prepare_row(raw, data_cfg)
+        changed.update(rules)
+        if drop:
+            dropped[drop] += 1
+        elif (row["input"], row["output"]) in seen:
+            dropped["duplicate (exact)"] += 1
+        else:
+            seen.add((row["input"], row["output"]))
+            rows.append(row)
+    if not rows:
+        raise DataError(f"{KEY}: {data_cfg.source}: no usable rows (dropped {dict(dropped)})")
+    report = {
+        "source": data_cfg.source,
+        "fingerprint": source_fingerprint(data_cfg, dataset),
+        "rows_read": len(dataset),
+        "rows_kept": len(rows),
+        "dropped": dict(sorted(dropped.items())),
+        "changed": dict(sorted(changed.items())),
+        # Rows the model also trained on make the figures look better than they are.
+        "overlap_with_train": sum(row["input"] in train_inputs for row in rows),
+    }
+    return rows, report
+
+
+def run_eval_source(cfg: Config, processed_train: str) -> dict[str, str] | None:
+    """Write the cleaned eval-source rows; None when `evaluate.source` is not set."""
+    if not cfg.evaluate.source:
+        return None
+    dataset = open_source(_source_config(cfg), key=KEY)
+    train_inputs = {row["input"] for row in read_jsonl(Path(processed_train))}
+    rows, report = clean_eval_rows(cfg, dataset, train_inputs)
+    out = Path(cfg.runs_dir) / "eval-sources" / report["fingerprint"].split(":")[-1][:16]
+    write_jsonl(out / "rows.jsonl", rows)
+    write_json(out / "report.json", report)
+    if report["overlap_with_train"]:
+        print(f"{KEY}: {report['overlap_with_train']} of {len(rows)} rows are also in the training split")
+    return {"rows": str(out / "rows.jsonl"), "report": str(out / "report.json")}
