@@ -86,7 +86,7 @@ def main() -> None:
             "model": {"base": base},
             "data": {"source": "data/raw/synthetic_healthcaremagic.jsonl", "rows": 400},
             "train": {"max_steps": args.steps, "save_steps": max(args.steps // 3, 1), "logging_steps": 5},
-            "evaluate": {"samples": 4, "max_new_tokens": 32},
+            "evaluate": {"rows": 16, "max_new_tokens": 64},
         }
     )
     timings = {}

@@ -136,15 +136,19 @@ def demote_by_hand(name: str, alias: str) -> str:
 
 
 def _list(name: str) -> str:
-    versions = sorted(client().search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
+    mlflow_client = client()
+    versions = sorted(mlflow_client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
     if not versions:
         return f"{name}: no versions registered yet"
+    aliases: dict[str, list[str]] = {}
+    for alias, version in mlflow_client.get_registered_model(name).aliases.items():
+        aliases.setdefault(str(version), []).append(alias)
     lines = [" ".join(["ver".ljust(4), "aliases".ljust(20), *(m.rjust(10) for m in SHOWN), "  promotion"])]
     for v in versions:
         figures = figures_from_tags(v.tags)
         cells = [f"{figures[m]:10.4f}" if m in figures else " " * 9 + "-" for m in SHOWN]
-        aliases = ",".join(v.aliases) or "-"
-        lines.append(" ".join([f"v{v.version}".ljust(4), aliases.ljust(20), *cells, "  " + _reason(v.tags)]))
+        names = ",".join(sorted(aliases.get(str(v.version), []))) or "-"
+        lines.append(" ".join([f"v{v.version}".ljust(4), names.ljust(20), *cells, "  " + _reason(v.tags)]))
     return "\n".join(lines)
 
 

@@ -20,6 +20,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 REAL_ROWS = SHARED_DATA / "healthcaremagic_400"
+QUICK_EVAL = {"evaluate.rows": 2, "evaluate.max_new_tokens": 8}  # a couple of short answers per model
 
 
 def _git(cwd: Path, *args: str) -> None:

@@ -14,6 +14,7 @@ import mlflow
 import pytest
 
 from chat_doctor.tracking import tracking_uri
+from tests.conftest import QUICK_EVAL, REAL_ROWS, needs_real_rows
 from tests.test_flow import task_states
 
 pytestmark = pytest.mark.slow
@@ -50,7 +51,7 @@ def test_deployment_run_with_overrides(project, prefect_server, tmp_path):
     source = tmp_path / "my_rows.jsonl"
     rows = Path("data/raw/synthetic_healthcaremagic.jsonl").read_text().splitlines()[:120]
     source.write_text("\n".join(rows) + "\n")
-    overrides = {"data.source": str(source), "data.rows": 100, "train.max_steps": 4, "evaluate.samples": 1}
+    overrides = {"data.source": str(source), "data.rows": 100, "train.max_steps": 4, **QUICK_EVAL}
     with served_deployment(prefect_server) as env:
         run = run_deployment(env, overrides)
     assert run.returncode == 0, run.stdout + run.stderr
@@ -63,12 +64,47 @@ def test_deployment_run_with_overrides(project, prefect_server, tmp_path):
     assert (report["source_rows"], report["train_rows"]) == (120, 90)
 
 
+@needs_real_rows()
+def test_deployment_evaluates_a_jsonl_of_real_rows_and_rescores_the_champion(project, prefect_server, tmp_path):
+    """A first run makes v1 champion on the eval split; the second names a JSONL of real rows as
+    `evaluate.source`: base, tuned and the champion are scored on those rows and promotion uses them."""
+    import datasets
+
+    held_out = tmp_path / "held_out_real.jsonl"
+    datasets.load_from_disk(str(REAL_ROWS)).select(range(60)).to_json(str(held_out), lines=True)
+    overrides = {"train.max_steps": 4, **QUICK_EVAL}
+    with served_deployment(prefect_server) as env:
+        first = run_deployment(env, overrides)
+        assert first.returncode == 0, first.stdout + first.stderr
+        second = run_deployment(env, {**overrides, "evaluate.source": str(held_out)})
+    assert second.returncode == 0, second.stdout + second.stderr
+    report = json.loads(next(Path("runs").glob("run-*/eval/report.json")).read_text())
+    assert report["gate_set"] == "source"
+    assert report["champion"] == {"version": 1, "figures": "scored again on these rows"}
+    real = report["sets"]["source"]
+    assert real["cleaning"]["rows_read"] == 60 and real["rows"] == real["cleaning"]["rows_kept"] > 50
+    metrics = ("loss", "perplexity", "rougeL", "similarity", "eos_rate", "repetition", "words")
+    for model in ("base", "tuned", "champion"):
+        assert set(metrics) <= set(real["models"][model]), model
+    # Same training settings, so the second run resumed the first run's adapter: the champion scored
+    # from the registry on the base must equal the tuned merged model.
+    assert real["models"]["champion"]["loss"] == pytest.approx(real["models"]["tuned"]["loss"], rel=1e-4)
+    client = mlflow.MlflowClient(tracking_uri())
+    version = client.get_model_version_by_alias("chat-doctor-adapter", "candidate")
+    assert int(version.version) == 2 and version.tags["eval.set"] == "source"
+    assert "champion v1" in version.tags["promotion.reason"]
+    assert int(client.get_model_version_by_alias("chat-doctor-adapter", "champion").version) == 1
+    run_metrics = client.get_run(version.run_id).data.metrics
+    assert run_metrics["eval_source/tuned_loss"] == pytest.approx(real["models"]["tuned"]["loss"])
+    assert "eval/tuned_loss" in run_metrics  # the eval split is still reported
+
+
 def test_flow_run_retry_skips_finished_steps_and_resumes(project, prefect_server):
     """A run that fails mid-training, retried with `prefect flow-run retry`, completes: the data
     steps come from the cache, training resumes from its checkpoint, the MLflow run is reused."""
     from prefect.client.orchestration import get_client
 
-    overrides = {"train.max_steps": 6, "train.save_steps": 3, "train.logging_steps": 1, "evaluate.samples": 1}
+    overrides = {"train.max_steps": 6, "train.save_steps": 3, "train.logging_steps": 1, **QUICK_EVAL}
     with served_deployment(prefect_server, CHAT_DOCTOR_FAIL_AT_STEP="5") as env:
         first = run_deployment(env, overrides)
         assert first.returncode == 1 and "Failed" in first.stdout, first.stdout + first.stderr
@@ -95,7 +131,7 @@ def test_flow_run_retry_skips_finished_steps_and_resumes(project, prefect_server
 def test_sigkilled_training_resumes_when_the_deployment_runs_again(project, prefect_server):
     """SIGKILL while checkpoint-4 is being written; the next deployment run resumes from checkpoint-2
     (the torn one is ignored), skips the data steps and registers a valid adapter."""
-    overrides = {"train.max_steps": 6, "train.save_steps": 2, "train.logging_steps": 1, "evaluate.samples": 1}
+    overrides = {"train.max_steps": 6, "train.save_steps": 2, "train.logging_steps": 1, **QUICK_EVAL}
     with served_deployment(prefect_server, CHAT_DOCTOR_KILL_AT_SAVE="4") as env:
         first = run_deployment(env, overrides)
         assert first.returncode == 1 and "Failed" in first.stdout, first.stdout + first.stderr

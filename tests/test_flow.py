@@ -3,6 +3,7 @@ with the project's own DVC repo and MLflow store: values, files and registry ent
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -16,7 +17,13 @@ from chat_doctor.tracking import tracking_uri
 from tests.conftest import REAL_ROWS, needs_real_rows
 
 pytestmark = pytest.mark.slow
-FAST = {"train.max_steps": 10, "train.logging_steps": 2, "train.save_steps": 5, "evaluate.samples": 2}
+FAST = {
+    "train.max_steps": 10,
+    "train.logging_steps": 2,
+    "train.save_steps": 5,
+    "evaluate.rows": 4,
+    "evaluate.max_new_tokens": 16,
+}
 
 
 def task_states(flow_run_id) -> dict[str, str]:
@@ -39,8 +46,9 @@ def test_flow_trains_registers_and_versions_data(project, prefect_server):
 
     state = finetune(overrides=FAST, return_state=True)
     assert state.is_completed(), state.message
-    expected = {"name": "chat-doctor-adapter", "version": 1, "uri": "models:/chat-doctor-adapter@candidate"}
-    assert state.result() == expected
+    result = state.result()
+    assert result["version"] == 1 and result["uri"] == "models:/chat-doctor-adapter/1"
+    assert result["aliases"] == ["candidate", "champion"]  # beats the base, and there is no champion yet
 
     client = mlflow.MlflowClient(tracking_uri())
     assert tracking_uri() == f"sqlite:///{project / 'mlflow.db'}"
@@ -58,13 +66,27 @@ def test_flow_trains_registers_and_versions_data(project, prefect_server):
     losses = client.get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in losses] == [2, 4, 6, 8, 10]
     assert losses[-1].value < losses[0].value
-    # Eval: tuned beats base, and the report on disk says the same as MLflow.
+    # Eval: every figure for base and tuned; the report on disk says the same as MLflow.
     metrics = run.data.metrics
     assert metrics["eval/tuned_loss"] < metrics["eval/base_loss"]
     run_dir = next(Path("runs").glob("run-*"))
     report = json.loads((run_dir / "eval" / "report.json").read_text())
-    assert report["tuned"]["loss"] == pytest.approx(metrics["eval/tuned_loss"])
-    assert len((run_dir / "eval" / "samples.jsonl").read_text().splitlines()) == 2
+    for model in ("base", "tuned"):
+        figures = report["sets"]["eval_split"]["models"][model]
+        for metric in ("loss", "perplexity", "rougeL", "similarity", "eos_rate", "repetition", "words"):
+            assert figures[metric] == pytest.approx(metrics[f"eval/{model}_{metric}"]), (model, metric)
+    assert report["sets"]["eval_split"]["rows"] == 40 and report["generation"]["max_new_tokens"] == 16
+    assert len((run_dir / "eval" / "samples.jsonl").read_text().splitlines()) == 4
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
+    assert {
+        "eval/report.json",
+        "eval/samples.jsonl",
+        "eval/summary.md",
+        "eval/chart.png",
+        "eval/answers.json",
+    } <= logged
+    assert version.tags["eval.tuned.rougeL"] and version.tags["eval.key"] == report["eval_key"]
+    assert "Chat-Doctor" not in version.description and "not medical advice" in version.description.lower()
     # Checkpoints every 5 steps, adapter and merged model on disk.
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-10", "checkpoint-5"]
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
@@ -101,6 +123,44 @@ def test_flow_trains_registers_and_versions_data(project, prefect_server):
     assert int(client.get_model_version_by_alias("chat-doctor-adapter", "candidate").version) == 2
 
 
+def test_the_better_run_is_champion_the_worse_stays_candidate(project, prefect_server):
+    from flows.finetune import finetune
+
+    better = finetune(overrides=FAST, return_state=True).result()
+    worse = finetune(overrides={**FAST, "train.max_steps": 2}, return_state=True).result()
+    assert (better["version"], better["aliases"]) == (1, ["candidate", "champion"])
+    assert (worse["version"], worse["aliases"]) == (2, ["candidate"])
+    client = mlflow.MlflowClient(tracking_uri())
+    champion = client.get_model_version_by_alias("chat-doctor-adapter", "champion")
+    candidate = client.get_model_version_by_alias("chat-doctor-adapter", "candidate")
+    assert (int(champion.version), int(candidate.version)) == (1, 2)
+    champion_loss = float(champion.tags["eval.tuned.loss"])
+    assert float(candidate.tags["eval.tuned.loss"]) > champion_loss
+    assert candidate.tags["promotion.decision"] == "not promoted"
+    # Same rows and settings: the champion's registered figure is used, not scored again.
+    assert f"does not beat champion v1's {champion_loss:.4g}" in candidate.tags["promotion.reason"]
+    assert candidate.tags["eval.key"] == champion.tags["eval.key"]
+    assert "Not promoted to `champion`" in candidate.description
+
+    # The registry by hand, as a user would from a shell.
+    def models(*args):
+        done = subprocess.run([sys.executable, "-m", "chat_doctor.registry", *args], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    listing = models("list").splitlines()
+    assert listing[1].split()[:2] == ["v1", "champion"] and "there was no champion" in listing[1]
+    assert listing[2].split()[:2] == ["v2", "candidate"] and "does not beat champion v1's" in listing[2]
+    assert "v2 (aliases: candidate)" in models("show", "candidate")
+    assert models("promote", "2", "--reason", "answers read better") == "chat-doctor-adapter@champion -> v2\n"
+    promoted = client.get_model_version_by_alias("chat-doctor-adapter", "champion")
+    assert promoted.tags["promotion.manual"] == "champion by hand: answers read better"
+    assert models("demote", "champion") == "chat-doctor-adapter@champion removed (was v2)\n"
+    assert client.get_registered_model("chat-doctor-adapter").aliases == {"candidate": 2}
+    adapter = Path(models("download", "v1", "--to", "fetched").strip())
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -133,6 +193,8 @@ def test_flow_on_real_rows(project, prefect_server):
     client = mlflow.MlflowClient(tracking_uri())
     version = client.get_model_version_by_alias("chat-doctor-adapter", "candidate")
     assert float(version.tags["eval.tuned.loss"]) < float(version.tags["eval.base.loss"])
+    report = json.loads(next(Path("runs").glob("run-*/eval/report.json")).read_text())
+    assert set(report["sets"]["eval_split"]["models"]["tuned"]) >= {"rougeL", "similarity", "eos_rate", "repetition"}
     # The data override went to params.yaml, so dvc.lock describes the real rows.
     assert yaml.safe_load(Path("params.yaml").read_text())["data"]["source"] == str(REAL_ROWS)
     assert dvc_status() == {}

@@ -8,10 +8,11 @@ import mlflow
 import pytest
 
 from chat_doctor.tracking import tracking_uri
+from tests.conftest import QUICK_EVAL
 from tests.test_flow import task_states
 
 pytestmark = pytest.mark.slow
-STEPS = {"train.max_steps": 6, "train.save_steps": 2, "train.logging_steps": 1, "evaluate.samples": 1}
+STEPS = {"train.max_steps": 6, "train.save_steps": 2, "train.logging_steps": 1, **QUICK_EVAL}
 
 
 def _run(client):
