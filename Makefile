@@ -13,7 +13,10 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export PYTHONPATH := $(CURDIR)
 STATE := .local
 
-.PHONY: venv demo test lint server serve stop mlflow-ui clean
+CHROMIUM := /usr/bin/chromium
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+.PHONY: venv demo test lint server serve stop mlflow-ui chat clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,10 +35,18 @@ demo: $(BIN)/.installed server serve
 	@echo "Run again:  $(BIN)/prefect deployment run finetune/default --param overrides='{\"train.max_steps\": 20}'"
 	@echo "Stop the Prefect server and the flow server: make stop"
 
-test: $(BIN)/.installed
+# Debian's Chromium, which the browser test of the chat UI drives through Playwright.
+$(CHROMIUM):
+	$(SUDO) apt-get install -y -q chromium || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
+
+test: $(BIN)/.installed $(CHROMIUM)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
+
+# The chat UI on http://127.0.0.1:7860 with the champion (MODEL=candidate, MODEL=3 or MODEL=<folder>).
+chat: $(BIN)/.installed
+	$(BIN)/chat-doctor-chat $(if $(MODEL),--model $(MODEL))
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check --fix .

@@ -206,6 +206,21 @@ class RegisterConfig(_Section):
         return value
 
 
+class ChatConfig(_Section):
+    model: str = Field(
+        "champion",
+        min_length=1,
+        description="Registry alias (champion), version (3 or v3), or a local adapter or merged folder.",
+    )
+    host: str = Field("127.0.0.1", description="Address the UI binds; 0.0.0.0 exposes it to the network.")
+    port: int = Field(7860, ge=1, le=65535)
+    max_input_chars: int = Field(2000, gt=0, description="Longer messages are refused with a message.")
+    max_new_tokens: int = Field(125, gt=0, le=2048, description="Answer length limit (the original's 125).")
+    repetition_penalty: float = Field(1.15, ge=1.0, le=2.0, description="The original's setting.")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy (the original); above 0 samples.")
+    top_p: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling, used when temperature > 0.")
+
+
 class Config(_Section):
     preset: str = Field("cpu-tiny", description="Defaults the sections start from.")
     runs_dir: str = Field("runs", description="Where checkpoints, adapters, merged models and reports go.")
@@ -217,6 +232,7 @@ class Config(_Section):
     merge: MergeConfig = MergeConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegisterConfig = RegisterConfig()
+    chat: ChatConfig = ChatConfig()
 
 
 # Presets hold only what differs from the field defaults above (which are `cpu-tiny`).
