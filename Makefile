@@ -33,6 +33,7 @@ demo: $(BIN)/.installed server serve
 	@echo "Prefect UI (flow runs, task logs, the result artifact): http://127.0.0.1:$(PREFECT_PORT)"
 	@echo "MLflow UI (params, loss curve, registered adapter):    $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db"
 	@echo "Run again:  $(BIN)/prefect deployment run finetune/default --param overrides='{\"train.max_steps\": 20}'"
+	@echo "Registered versions:  $(BIN)/chat-doctor-models list;  chat with the champion:  make chat"
 	@echo "Stop the Prefect server and the flow server: make stop"
 
 # Debian's Chromium, which the browser test of the chat UI drives through Playwright.
