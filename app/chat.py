@@ -21,32 +21,25 @@ from chat_doctor.model_card import DISCLAIMER
 
 CACHE = Path("runs") / "chat-cache"  # registry downloads
 AUTH_ENV = ("CHAT_DOCTOR_UI_USER", "CHAT_DOCTOR_UI_PASSWORD")
+SETTINGS = ("max_new_tokens", "repetition_penalty", "temperature", "top_p")  # generation knobs of `chat`
 
 
 def build_ui(chat: ChatModel, cfg: ChatConfig):
     import gradio as gr
 
-    def respond(message, history, max_new_tokens, repetition_penalty, temperature, top_p):
+    def checked(message: str) -> str:
         try:
-            text = check_input(message, cfg)
+            return check_input(message, cfg)
         except InputTooLong as err:
-            raise gr.Error(str(err)) from None
-        settings = {
-            "max_new_tokens": max_new_tokens,
-            "repetition_penalty": repetition_penalty,
-            "temperature": temperature,
-            "top_p": top_p,
-        }
-        for part in stream_answer(chat, text, settings):
+            raise gr.Error(str(err)) from None  # shown in the page, and raised by gradio_client
+
+    def respond(message, history, *values):
+        for part in stream_answer(chat, checked(message), dict(zip(SETTINGS, values, strict=True))):
             yield part["text"] or "…"
 
     def answer(message: str) -> dict:
         """One whole answer with how it ended: finish `eos` (the model stopped) or `limit`."""
-        try:
-            text = check_input(message, cfg)
-        except InputTooLong as err:
-            raise gr.Error(str(err)) from None
-        *_, last = stream_answer(chat, text, cfg.model_dump(include=SETTINGS))
+        *_, last = stream_answer(chat, checked(message), cfg.model_dump(include=set(SETTINGS)))
         return {"answer": last["text"], "finish": last["finish"], "tokens": last["tokens"]}
 
     with gr.Blocks(title="chat-doctor") as page:
@@ -78,9 +71,6 @@ def build_ui(chat: ChatModel, cfg: ChatConfig):
     return page
 
 
-SETTINGS = {"max_new_tokens", "repetition_penalty", "temperature", "top_p"}
-
-
 def _strip_front_matter(card: str) -> str:
     if card.startswith("---\n"):
         return card.split("\n---\n", 1)[-1]
@@ -97,7 +87,7 @@ def _auth() -> tuple[str, str] | None:
 def terminal_chat(chat: ChatModel, cfg: ChatConfig, stdin=sys.stdin, stdout=sys.stdout) -> None:
     """A line-by-line chat on the terminal; an empty line, `/quit` or end of input stops it."""
     print(f"chat-doctor: {chat.label}\n{DISCLAIMER}\n", file=stdout)
-    settings = cfg.model_dump(include=SETTINGS)
+    settings = cfg.model_dump(include=set(SETTINGS))
     while True:
         print("you> ", end="", file=stdout, flush=True)
         line = stdin.readline()

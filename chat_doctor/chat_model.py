@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from chat_doctor.config import ChatConfig, Config, ModelConfig
+from chat_doctor.config import ChatConfig, Config, ModelConfig, is_local
 from chat_doctor.modeling import load_base_model, load_tokenizer
 from chat_doctor.prompts import build_prompt
 
@@ -74,9 +74,9 @@ def load_chat_model(spec: str, cfg: Config, cache: Path) -> ChatModel:
     from peft import PeftModel
 
     folder = Path(spec).expanduser()
-    if spec.startswith(("/", ".", "~")) and not folder.exists():
-        raise FileNotFoundError(f"chat.model: {spec!r}: no such folder")
-    if folder.exists():
+    if is_local(spec):
+        if not folder.exists():
+            raise FileNotFoundError(f"chat.model: {spec!r}: no such folder")
         model_cfg, adapter, template, card = _from_folder(folder, cfg)
         label = str(folder)
     else:

@@ -24,6 +24,11 @@ TINY = "tiny"  # the embedded base model, built offline from a fixed seed
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def is_local(value: str) -> bool:
+    """A path on this machine (existing, or written like one) rather than a hub id or registry name."""
+    return value.startswith(("/", ".", "~")) or Path(value).expanduser().exists()
+
+
 class ConfigError(ValueError):
     """A config value is wrong; the message names the key and the value."""
 
@@ -48,8 +53,7 @@ class ModelConfig(_Section):
     def _base_exists(cls, value: str) -> str:
         if value == TINY:
             return value
-        looks_local = value.startswith(("/", ".", "~")) or Path(value).expanduser().exists()
-        if looks_local:
+        if is_local(value):
             path = Path(value).expanduser()
             if not (path / "config.json").is_file():
                 raise ValueError(f"{value!r} is not a model folder (no config.json there)")
@@ -165,7 +169,7 @@ class EvaluateConfig(_Section):
     @field_validator("source")
     @classmethod
     def _source_exists(cls, value: str | None) -> str | None:
-        if value and value.startswith(("/", ".", "~")) and not Path(value).expanduser().exists():
+        if value and is_local(value) and not Path(value).expanduser().exists():
             raise ValueError(f"{value!r} does not exist")
         return value
 

@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from chat_doctor.files import atomic_path
+
 DATA_STAGES = ("sample", "tokenize")
 # Config keys that the data stages read (dvc.yaml `params:`); overrides of these go to params.yaml.
 DVC_PARAM_PREFIXES = ("preset", "data.", "tokenize.", "model.base", "model.revision")
@@ -50,8 +52,6 @@ def write_params(params_file: Path, overrides: dict[str, Any]) -> list[str]:
             node[leaf] = value
             changed.append(key)
     if changed:
-        from chat_doctor.files import atomic_path
-
         with atomic_path(params_file) as tmp, open(tmp, "w") as fh:
             ruamel.dump(doc, fh)
     return changed

@@ -57,9 +57,6 @@ def render_card(cfg: Config, lineage: dict, report: dict | None, promotion: str 
 def write_cards(cfg: Config, folders: dict[str, str], lineage: dict, report_path: str | None, promotion=None) -> str:
     """README.md into each {kind: folder}; returns the adapter's card text."""
     report = json.loads(Path(report_path).read_text()) if report_path else None
-    text = ""
     for kind, folder in folders.items():
-        card = render_card(cfg, lineage, report, promotion, kind)
-        write_text(Path(folder) / "README.md", card)
-        text = card if kind == "adapter" else text or card
-    return text
+        write_text(Path(folder) / "README.md", render_card(cfg, lineage, report, promotion, kind))
+    return render_card(cfg, lineage, report, promotion, "adapter")

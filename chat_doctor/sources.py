@@ -9,7 +9,7 @@ import codecs
 import json
 from pathlib import Path
 
-from chat_doctor.config import DataConfig
+from chat_doctor.config import DataConfig, is_local
 from chat_doctor.files import content_hash
 
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -17,10 +17,6 @@ LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": 
 
 class DataError(ValueError):
     """The source cannot give what the config asks; the message names the file, row or key."""
-
-
-def _is_local(source: str) -> bool:
-    return Path(source).expanduser().exists() or source.startswith(("/", ".", "~"))
 
 
 def open_source(cfg: DataConfig, key: str = "data.source"):
@@ -31,7 +27,7 @@ def open_source(cfg: DataConfig, key: str = "data.source"):
     import datasets
 
     source = Path(cfg.source).expanduser()
-    if not _is_local(cfg.source):
+    if not is_local(cfg.source):
         return datasets.load_dataset(cfg.source, revision=cfg.revision, split=cfg.split)
     if not source.exists():
         raise DataError(f"{key}: {cfg.source!r} does not exist")
@@ -58,7 +54,7 @@ def open_source(cfg: DataConfig, key: str = "data.source"):
 
 
 def source_fingerprint(cfg: DataConfig, dataset) -> str:
-    if _is_local(cfg.source):
+    if is_local(cfg.source):
         return "sha256:" + content_hash(Path(cfg.source).expanduser())
     return f"hub:{cfg.source}@{cfg.revision or 'main'}:{dataset._fingerprint}"
 

@@ -135,15 +135,13 @@ def _score(model, tokenizer, sets: dict, cfg: Config) -> dict:
     return out
 
 
-def _champion(cfg: Config, base, tokenizer, sets: dict, key: str, champion: dict | None) -> tuple[dict | None, dict]:
-    """(champion's scores on these sets or None, what the report says about it). Merges into `base`."""
-    if champion is None:
-        return None, {}
-    info = {"version": champion["version"]}
+def _champion(cfg: Config, base, tokenizer, sets: dict, key: str, champion: dict) -> tuple[dict | None, str]:
+    """(champion's scores on these sets, or None when there is nothing to score; where its figures
+    come from). Merges the champion's adapter into `base`."""
     if champion.get("eval_key") == key:
-        return None, {**info, "figures": "registered (same rows and settings)", "gate": champion["figures"]}
+        return None, "registered (same rows and settings)"
     if (champion.get("base_model"), champion.get("base_revision")) != (cfg.model.base, str(cfg.model.revision)):
-        return None, {**info, "figures": f"not comparable: trained on base {champion.get('base_model')!r}"}
+        return None, f"not comparable: trained on base {champion.get('base_model')!r}"
     from peft import PeftModel
 
     from chat_doctor.registry import download_adapter
@@ -151,7 +149,7 @@ def _champion(cfg: Config, base, tokenizer, sets: dict, key: str, champion: dict
     with tempfile.TemporaryDirectory() as tmp:
         adapter = download_adapter(cfg.registry.model_name, champion["version"], Path(tmp))
         merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
-    return _score(merged, tokenizer, sets, cfg), {**info, "figures": "scored again on these rows"}
+    return _score(merged, tokenizer, sets, cfg), "scored again on these rows"
 
 
 def run_evaluate(
@@ -172,10 +170,12 @@ def run_evaluate(
     scores = {}
     base = load_base_model(cfg.model, quantized=False, dtype_name=cfg.merge.dtype)
     scores["base"] = _score(base, tokenizer, sets, cfg)
-    champion_scores, champion_info = _champion(cfg, base, tokenizer, sets, key, champion)  # reuses the base
+    champion_scores, champion_figures = None, None
+    if champion:
+        champion_scores, champion_figures = _champion(cfg, base, tokenizer, sets, key, champion)  # reuses the base
     del base
     tuned = AutoModelForCausalLM.from_pretrained(
-        merged, dtype=resolve_dtype(cfg.merge.dtype), device_map={"": device()}
+        merged, dtype=resolve_dtype(cfg.merge.dtype), device_map={"": device()}, use_safetensors=True
     )
     scores["tuned"] = _score(tuned, tokenizer, sets, cfg)
     if champion_scores:
@@ -185,7 +185,7 @@ def run_evaluate(
         "gate_set": gate,
         "eval_key": key,
         "generation": cfg.evaluate.model_dump(include={"max_new_tokens", "repetition_penalty", "rows"}),
-        "champion": champion_info or None,
+        "champion": {"version": champion["version"], "figures": champion_figures} if champion else None,
         "sets": {
             name: {
                 "rows": len(eval_set["dataset"]),
@@ -198,8 +198,8 @@ def run_evaluate(
     }
     if eval_source:
         report["sets"]["source"]["cleaning"] = json.loads(Path(eval_source["report"]).read_text())
-    if "gate" in champion_info:  # registered figures of the champion, on these very rows
-        report["sets"][gate]["models"]["champion"] = champion_info.pop("gate")
+    if champion and champion.get("eval_key") == key:  # its registered figures come from these very rows
+        report["sets"][gate]["models"]["champion"] = champion["figures"]
     samples = [
         {"set": name, "query": row["input"], "reference": row["output"]}
         | {model: scores[model][name]["answers"][i] for model in scores}
