@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chat_doctor.config import ChatConfig, Config, ModelConfig, is_local
-from chat_doctor.modeling import load_base_model, load_tokenizer
+from chat_doctor.modeling import load_adapter, load_base_model, load_tokenizer
 from chat_doctor.prompts import build_prompt
 
 
@@ -71,8 +71,6 @@ def _from_registry(spec: str, cfg: Config, cache: Path) -> tuple[ModelConfig, Pa
 
 def load_chat_model(spec: str, cfg: Config, cache: Path) -> ChatModel:
     """`spec`: an alias or version of `registry.model_name`, or a local adapter or merged folder."""
-    from peft import PeftModel
-
     folder = Path(spec).expanduser()
     if is_local(spec):
         if not folder.exists():
@@ -86,7 +84,7 @@ def load_chat_model(spec: str, cfg: Config, cache: Path) -> ChatModel:
     tokenizer = load_tokenizer(model_cfg, str(adapter) if has_tokenizer else None)
     model = load_base_model(model_cfg, quantized=_on_gpu())  # 4 bit as trained on a GPU; fp32 on a CPU
     if adapter is not None:
-        model = PeftModel.from_pretrained(model, str(adapter))
+        model = load_adapter(model, adapter)
     model.eval()
     return ChatModel(model, tokenizer, template, label, card)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +23,21 @@ PROCESSED_DIR = Path("data/processed")
 TOKENIZED_DIR = Path("data/tokenized")
 TINY = "tiny"  # the embedded base model, built offline from a fixed seed
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+RUNS_ROOT = "runs"  # every output that config can place goes under this project folder
+HUB_TOKEN_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")  # read by huggingface_hub; never part of config
+_TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9]{20,}")
+_SECRET_KEY = re.compile(r"token|secret|password|api_key", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """`text` with the hub token of the environment, and anything shaped like one, masked."""
+    for name in HUB_TOKEN_ENV:
+        token = os.environ.get(name)
+        if token and len(token) >= 8:
+            text = text.replace(token, "***")
+    return _TOKEN_LIKE.sub("hf_***", text)
 
 
 def is_local(value: str) -> bool:
@@ -227,7 +243,9 @@ class ChatConfig(_Section):
 
 class Config(_Section):
     preset: str = Field("cpu-tiny", description="Defaults the sections start from.")
-    runs_dir: str = Field("runs", description="Where checkpoints, adapters, merged models and reports go.")
+    runs_dir: str = Field(
+        RUNS_ROOT, description="Where checkpoints, adapters, merged models and reports go: runs or runs/<name>."
+    )
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     tokenize: TokenizeConfig = TokenizeConfig()
@@ -237,6 +255,18 @@ class Config(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegisterConfig = RegisterConfig()
     chat: ChatConfig = ChatConfig()
+
+    @field_validator("runs_dir")
+    @classmethod
+    def _inside_runs(cls, value: str) -> str:
+        # Outputs are deleted and replaced by the steps: config must not aim them anywhere else.
+        parts = Path(value).parts
+        if Path(value).is_absolute() or ".." in parts or not parts or parts[0] != RUNS_ROOT:
+            raise ValueError(
+                f"outputs stay in the project's {RUNS_ROOT}/ folder: use {RUNS_ROOT} or {RUNS_ROOT}/<name> "
+                f"(link {RUNS_ROOT}/ to another disk for space)"
+            )
+        return value
 
 
 # Presets hold only what differs from the field defaults above (which are `cpu-tiny`).
@@ -304,12 +334,17 @@ def _format_error(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "extra_forbidden" and _SECRET_KEY.search(key):
+            lines.append(
+                f"{source}: unknown key `{key}`: secrets never go in params.yaml or overrides; "
+                f"the hub token is read from the environment ({' or '.join(HUB_TOKEN_ENV)})"
+            )
+        elif e["type"] == "extra_forbidden":
             lines.append(f"{source}: unknown key `{key}`")
         else:
             msg = e["msg"].removeprefix("Value error, ")
             lines.append(f"{source}: `{key}` = {e.get('input')!r}: {msg}")
-    return "\n".join(lines)
+    return redact("\n".join(lines))
 
 
 def build_config(raw: dict[str, Any], source: str = PARAMS_FILE) -> Config:

@@ -75,3 +75,18 @@ def load_base_model(cfg: ModelConfig, *, quantized: bool, dtype_name: str | None
         **kwargs,
     )
     return model
+
+
+class UnsafeWeights(ValueError):
+    """Weights offered only as a pickle (`.bin`, `.pt`): chat-doctor loads safetensors only."""
+
+
+def load_adapter(model, folder: str | Path):
+    """`model` with the PEFT adapter in `folder`, from its safetensors file only (a pickle can run code)."""
+    from peft import PeftModel
+
+    folder = Path(folder)
+    if not (folder / "adapter_model.safetensors").is_file():
+        found = sorted(p.name for p in folder.glob("adapter_model.*")) or "no adapter weights"
+        raise UnsafeWeights(f"{folder}: no adapter_model.safetensors ({found}); only safetensors weights are loaded")
+    return PeftModel.from_pretrained(model, str(folder))  # peft reads the safetensors file when there is one

@@ -4,7 +4,10 @@ Each version of `chat-doctor-adapter` carries its lineage and eval figures as ta
 (`eval.tuned.loss`, `eval.base.rougeL`, ..., `eval.key` = which rows and settings produced them) and
 the promotion decision with its reason (`promotion.decision`, `promotion.reason`; changes made by
 hand go to `promotion.manual`). `candidate` is the newest
-version; `champion` moves only by the rule in `decide_promotion` or by hand:
+version; `champion` moves only by the rule in `decide_promotion` or by hand. A version is created
+with `registration: incomplete` and marked `complete` only once its tags and card are in place;
+an incomplete one (a registration cut short by a crash or a lost store) is never resolved, and the
+retry of the run that made it deletes it:
 
     chat-doctor-models list
     chat-doctor-models show champion
@@ -23,6 +26,18 @@ from chat_doctor.config import METRICS, PARAMS_FILE, load_config
 from chat_doctor.tracking import client
 
 SHOWN = ("loss", "rougeL", "similarity", "eos_rate", "repetition")  # columns of `list`
+REGISTRATION = "registration"  # version tag: `incomplete` until everything but the aliases is in place
+
+
+def is_complete(version) -> bool:
+    # Versions registered before the tag existed have none and are complete.
+    return version.tags.get(REGISTRATION) != "incomplete"
+
+
+def versions_of_run(name: str, run_id: str) -> list:
+    """The versions of `name` that the MLflow run `run_id` registered, oldest first."""
+    found = client().search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    return sorted(found, key=lambda v: int(v.version))
 
 
 def figure_tags(model: str, figures: dict[str, float]) -> dict[str, str]:
@@ -99,12 +114,18 @@ def resolve(name: str, spec: str):
         from mlflow.exceptions import MlflowException
 
         try:
-            return client().get_model_version(name, number)
+            version = client().get_model_version(name, number)
         except MlflowException:
             raise SystemExit(f"{name}: no version {number}") from None
-    version = aliased_version(name, spec)
-    if version is None:
-        raise SystemExit(f"{name}: no version has the alias {spec!r}")
+    else:
+        version = aliased_version(name, spec)
+        if version is None:
+            raise SystemExit(f"{name}: no version has the alias {spec!r}")
+    if not is_complete(version):
+        raise SystemExit(
+            f"{name} v{version.version}: its registration was cut short (tag {REGISTRATION}: incomplete); "
+            "retry the flow run that made it, which removes it"
+        )
     return version
 
 
@@ -148,7 +169,8 @@ def _list(name: str) -> str:
         figures = figures_from_tags(v.tags)
         cells = [f"{figures[m]:10.4f}" if m in figures else " " * 9 + "-" for m in SHOWN]
         names = ",".join(sorted(aliases.get(str(v.version), []))) or "-"
-        lines.append(" ".join([f"v{v.version}".ljust(4), names.ljust(20), *cells, "  " + _reason(v.tags)]))
+        reason = _reason(v.tags) if is_complete(v) else "INCOMPLETE registration (retry its flow run)"
+        lines.append(" ".join([f"v{v.version}".ljust(4), names.ljust(20), *cells, "  " + reason]))
     return "\n".join(lines)
 
 

@@ -5,7 +5,10 @@ Through Prefect:    prefect deployment run finetune/default --param overrides='{
 
 Tasks exchange paths and ids, never models or datasets. The data steps are cached on the content
 of their inputs and their config section (not on run ids), so a retry or a rerun with the same
-inputs skips them; training resumes from its last checkpoint.
+inputs skips them. Within one flow run, the steps after them are cached on their inputs too
+(Prefect's default policy, which includes the run id): `prefect flow-run retry` redoes only what
+failed. A new run with the same settings resumes training from its last checkpoint. Results are
+stored as JSON (paths and ids), never pickled.
 """
 
 from __future__ import annotations
@@ -89,17 +92,21 @@ def start_tracking(cfg: Config) -> str:
     return run_id
 
 
-@task(name="sample", cache_key_fn=_source_key, persist_result=True)
+# What a retry of the same flow run reuses instead of redoing (default cache policy: inputs + run id).
+KEEP = {"persist_result": True, "result_serializer": "json"}
+
+
+@task(name="sample", cache_key_fn=_source_key, **KEEP)
 def sample(cfg) -> dict[str, str]:
     return run_sample(cfg)
 
 
-@task(name="tokenize", cache_key_fn=_tokenize_key, persist_result=True)
+@task(name="tokenize", cache_key_fn=_tokenize_key, **KEEP)
 def tokenize(cfg, model_cfg, processed: dict[str, str]) -> dict[str, str]:
     return run_tokenize(cfg, model_cfg, processed)
 
 
-@task(name="version-data")
+@task(name="version-data", **KEEP)
 def version_data(run_id: str, processed: dict[str, str], tokenized: dict[str, str]) -> dict[str, str]:
     """dvc commit + push the data; its hashes and reports go to the MLflow run and the Prefect UI."""
     tags = {f"dvc.{path}": md5 for path, md5 in record_data_stages().items()}
@@ -131,23 +138,23 @@ def _only_out_of_memory(task, task_run, state) -> bool:
 
 # Retries are bounded by the halvings themselves: run_train stops below micro-batch 1 with what to
 # change. On an H100, Mistral-7B shapes at 1,024 tokens needed four (64 -> 4; bench/RESULTS.md).
-@task(name="train", retries=8, retry_condition_fn=_only_out_of_memory)
+@task(name="train", retries=8, retry_condition_fn=_only_out_of_memory, **KEEP)
 def train(cfg: Config, tokenized: dict[str, str], run_id: str) -> dict[str, str]:
     return run_train(cfg, tokenized, run_id)
 
 
-@task(name="eval-source")
+@task(name="eval-source", **KEEP)
 def eval_source(cfg: Config, processed: dict[str, str]) -> dict[str, str] | None:
     """Read and clean `evaluate.source` before training, so a bad file fails in seconds."""
     return run_eval_source(cfg, processed["train"])
 
 
-@task(name="merge")
+@task(name="merge", **KEEP)
 def merge(cfg: Config, adapter: str, lineage: dict) -> dict:
     return run_merge(cfg, adapter, lineage)
 
 
-@task(name="evaluate")
+@task(name="evaluate", **KEEP)
 def evaluate(cfg: Config, tokenized: dict, processed: dict, merged: dict, source: dict | None, run_id: str) -> dict:
     champion = champion_record(cfg.registry.model_name, cfg.registry.champion_alias)
     paths = run_evaluate(cfg, tokenized["eval"], processed["eval"], merged["merged"], source, champion)

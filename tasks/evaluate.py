@@ -25,7 +25,7 @@ from chat_doctor.config import Config
 from chat_doctor.eval_report import markdown_summary, plot_chart
 from chat_doctor.files import content_hash, read_jsonl, write_json, write_jsonl, write_text
 from chat_doctor.metrics import answer_figures
-from chat_doctor.modeling import base_location, device, load_base_model, load_tokenizer, resolve_dtype
+from chat_doctor.modeling import base_location, device, load_adapter, load_base_model, load_tokenizer, resolve_dtype
 from chat_doctor.prompts import build_prompt
 from chat_doctor.tokenized import IGNORE_INDEX, load_split, tokenize_row
 
@@ -142,13 +142,11 @@ def _champion(cfg: Config, base, tokenizer, sets: dict, key: str, champion: dict
         return None, "registered (same rows and settings)"
     if (champion.get("base_model"), champion.get("base_revision")) != (cfg.model.base, str(cfg.model.revision)):
         return None, f"not comparable: trained on base {champion.get('base_model')!r}"
-    from peft import PeftModel
-
     from chat_doctor.registry import download_adapter
 
     with tempfile.TemporaryDirectory() as tmp:
         adapter = download_adapter(cfg.registry.model_name, champion["version"], Path(tmp))
-        merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+        merged = load_adapter(base, adapter).merge_and_unload()
     return _score(merged, tokenizer, sets, cfg), "scored again on these rows"
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from chat_doctor.config import Config
 from chat_doctor.files import atomic_dir
 from chat_doctor.model_card import render_card
-from chat_doctor.modeling import load_base_model, load_tokenizer
+from chat_doctor.modeling import load_adapter, load_base_model, load_tokenizer
 from chat_doctor.prompts import build_example
 
 # Largest relative error ||merged - (base + adapter)|| / ||base + adapter|| of the logits, per dtype.
@@ -47,11 +47,9 @@ def _logits(model, tokenizer, template: str):
 
 def run_merge(cfg: Config, adapter: str, lineage: dict | None = None) -> dict:
     """Merge `adapter` into the base, check the logits, save; return {"merged": folder, "logit_error"}."""
-    from peft import PeftModel
-
     tokenizer = load_tokenizer(cfg.model, adapter)
     base = load_base_model(cfg.model, quantized=False, dtype_name=cfg.merge.dtype)
-    with_adapter = PeftModel.from_pretrained(base, adapter)
+    with_adapter = load_adapter(base, adapter)
     before = _logits(with_adapter, tokenizer, cfg.tokenize.template)
     merged_model = with_adapter.merge_and_unload()
     error = ((before - _logits(merged_model, tokenizer, cfg.tokenize.template)).norm() / before.norm()).item()

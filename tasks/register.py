@@ -6,23 +6,35 @@ version of `registry.model_name` (PEFT adapter + tokenizer; the base is referenc
 tags hold the lineage, the eval figures and the promotion decision with its reason, and whose
 description is the model card. `registry.alias` (candidate) moves to it; `registry.champion_alias`
 only when it beats the base and the champion on `registry.promote_metric`. If any of this fails,
-the new version is deleted again: a run registers all of it or nothing.
+the new version is deleted again: a run registers all of it or nothing. When even that cannot
+happen (the process killed, the tracking store gone), the version stays tagged `registration:
+incomplete`, is never resolved, and the retry of the run deletes it before registering again.
 Loads back with `mlflow.transformers.load_model("models:/chat-doctor-adapter@champion")`.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 from chat_doctor.config import Config
 from chat_doctor.eval_report import gate_models
 from chat_doctor.model_card import write_cards
-from chat_doctor.modeling import base_location, load_base_model, load_tokenizer, resolve_dtype
-from chat_doctor.registry import aliased_version, decide_promotion, figure_tags
+from chat_doctor.modeling import base_location, load_adapter, load_base_model, load_tokenizer, resolve_dtype
+from chat_doctor.registry import (
+    REGISTRATION,
+    aliased_version,
+    decide_promotion,
+    figure_tags,
+    is_complete,
+    versions_of_run,
+)
 from chat_doctor.tracking import client
 
 # What loading the logged model needs; listed so MLflow does not guess (and import torchvision).
+KILL_ENV = "CHAT_DOCTOR_KILL_IN_REGISTER"  # `after-version`: SIGKILL once mid-registration (fault injection)
 PIP_REQUIREMENTS = ["torch", "transformers", "peft", "accelerate", "bitsandbytes", "safetensors", "sentencepiece"]
 
 
@@ -49,10 +61,8 @@ def _log_model(cfg: Config, mlflow_run_id: str, folder: str, kind: str):
     tokenizer = load_tokenizer(cfg.model, folder)
     local_base = base_location(cfg.model)
     if kind == "adapter":
-        from peft import PeftModel
-
         # The 4-bit base is enough here: MLflow saves only the adapter and references the base.
-        model = PeftModel.from_pretrained(load_base_model(cfg.model, quantized=True), folder)
+        model = load_adapter(load_base_model(cfg.model, quantized=True), folder)
     else:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(cfg.merge.dtype), use_safetensors=True)
     client()
@@ -64,6 +74,40 @@ def _log_model(cfg: Config, mlflow_run_id: str, folder: str, kind: str):
             base_model_path=local_base if kind == "adapter" and Path(local_base).is_dir() else None,
             pip_requirements=PIP_REQUIREMENTS,
         )
+
+
+def _clear_earlier_attempt(names: list[str], mlflow_run_id: str) -> dict[str, str]:
+    """What an earlier attempt of this run registered: incomplete versions (cut short by a crash or a
+    lost store) are deleted, a complete one is kept and reused, so a retry registers nothing twice."""
+    kept = {}
+    for name in names:
+        for version in versions_of_run(name, mlflow_run_id):
+            if is_complete(version):
+                kept[name] = version.version
+            else:
+                print(f"{name} v{version.version}: deleting the incomplete registration of an earlier attempt")
+                client().delete_model_version(name, version.version)
+    return kept
+
+
+def _inject_kill(run_dir: Path) -> None:
+    """Fault injection (soak runs, tests): SIGKILL once, between creating a version and completing it."""
+    marker = run_dir / ".injected-register-kill"
+    if os.environ.get(KILL_ENV) == "after-version" and not marker.exists():
+        marker.touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _roll_back(created: list[tuple[str, str]], before: dict) -> None:
+    mlflow_client = client()
+    try:
+        for name, version in created:
+            mlflow_client.delete_model_version(name, version)
+        for (name, alias), old in before.items():
+            if old is not None:  # put back what the deleted version took over
+                mlflow_client.set_registered_model_alias(name, alias, old.version)
+    except Exception as err:  # the store itself is gone: the versions stay marked incomplete
+        print(f"could not roll back {created} ({type(err).__name__}); the retry of this run deletes them")
 
 
 def run_register(cfg: Config, mlflow_run_id: str, adapter: str, merged: str, eval_report: str, lineage: dict) -> dict:
@@ -87,34 +131,40 @@ def run_register(cfg: Config, mlflow_run_id: str, adapter: str, merged: str, eva
         "promotion.metric": reg.promote_metric,
         "promotion.decision": "promoted" if promote else "not promoted",
         "promotion.reason": reason,
+        REGISTRATION: "incomplete",
     }
-    logged = {reg.model_name: _log_model(cfg, mlflow_run_id, adapter, "adapter").model_uri}
+    folders = {reg.model_name: (adapter, "adapter")}
     if reg.register_merged:
-        logged[f"{reg.model_name}-merged"] = _log_model(cfg, mlflow_run_id, merged, "merged").model_uri
+        folders[f"{reg.model_name}-merged"] = (merged, "merged")
+    versions = _clear_earlier_attempt(list(folders), mlflow_run_id)
     mlflow_client = client()
-    created = []  # (name, version) made so far, deleted again if anything below fails
+    created = []  # (name, version) made here, deleted again if anything below fails
     aliases = [reg.alias, *([reg.champion_alias] if promote else [])]
     before = {}  # alias -> version it pointed at, to put back if this registration fails
     try:
-        for name, uri in logged.items():
-            created.append((name, mlflow.register_model(uri, name, tags=tags).version))
-            mlflow_client.update_model_version(name, created[-1][1], description=card)
+        for name, (folder, kind) in folders.items():
+            if name in versions:
+                print(f"{name} v{versions[name]}: registered by an earlier attempt of this run; reused")
+                continue
+            uri = _log_model(cfg, mlflow_run_id, folder, kind).model_uri
+            versions[name] = mlflow.register_model(uri, name, tags=tags).version
+            created.append((name, versions[name]))
+            _inject_kill(Path(adapter).parent)
+            mlflow_client.update_model_version(name, versions[name], description=card)
+            mlflow_client.set_model_version_tag(name, versions[name], REGISTRATION, "complete")
         # Aliases last: a version only becomes visible under an alias once everything else is in place.
-        before = {(name, alias): aliased_version(name, alias) for name, _ in created for alias in aliases}
-        for name, version in created:
+        before = {(name, alias): aliased_version(name, alias) for name in versions for alias in aliases}
+        for name, version in versions.items():
             for alias in aliases:
                 mlflow_client.set_registered_model_alias(name, alias, version)
     except BaseException:
-        for name, version in created:
-            mlflow_client.delete_model_version(name, version)
-        for (name, alias), old in before.items():
-            if old is not None:  # put back what the deleted version took over
-                mlflow_client.set_registered_model_alias(name, alias, old.version)
+        _roll_back(created, before)
         raise
+    version = versions[reg.model_name]
     return {
         "name": reg.model_name,
-        "version": int(created[0][1]),
+        "version": int(version),
         "aliases": aliases,
-        "uri": f"models:/{reg.model_name}/{created[0][1]}",
+        "uri": f"models:/{reg.model_name}/{version}",
         "promotion": decision,
     }
