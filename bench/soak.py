@@ -106,7 +106,15 @@ class Soak:
     def start_mlflow(self) -> None:
         store = f"sqlite:///{self.root / 'mlflow.db'}"
         command = ["mlflow", "server", "--backend-store-uri", store, "--artifacts-destination"]
-        command += [str(self.root / "mlartifacts"), "--host", "127.0.0.1", "--port", str(self.mlflow_port)]
+        command += [
+            str(self.root / "mlartifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.mlflow_port),
+            "--workers",
+            "1",
+        ]
         self.mlflow = self._spawn(command)
         wait_for(lambda: answers(f"http://127.0.0.1:{self.mlflow_port}/health"), "the MLflow server answering")
 

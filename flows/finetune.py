@@ -69,12 +69,7 @@ def _tokenize_key(ctx, params) -> str:
 @task(name="prepare-config")
 def prepare_config(params_file: str, overrides: dict[str, Any]) -> Config:
     """Validate params.yaml + overrides (errors name the key) before anything is loaded."""
-    cfg = load_config(params_file, overrides)
-    # Data overrides go to params.yaml, as `dvc exp run -S` does, so dvc.lock stays truthful.
-    changed = write_params(Path(params_file), data_overrides(overrides))
-    if changed:
-        print(f"{params_file} updated for DVC: {', '.join(changed)}")
-    return cfg
+    return load_config(params_file, overrides)
 
 
 @task(name="start-tracking")
@@ -107,8 +102,15 @@ def tokenize(cfg, model_cfg, processed: dict[str, str]) -> dict[str, str]:
 
 
 @task(name="version-data", **KEEP)
-def version_data(run_id: str, processed: dict[str, str], tokenized: dict[str, str]) -> dict[str, str]:
+def version_data(
+    run_id: str, processed: dict[str, str], tokenized: dict[str, str], params_file: str, dvc_params: dict[str, Any]
+) -> dict[str, str]:
     """dvc commit + push the data; its hashes and reports go to the MLflow run and the Prefect UI."""
+    # Data overrides go to params.yaml, as `dvc exp run -S` does, so dvc.lock stays truthful; only
+    # now, once the data steps have succeeded, so a bad source never lands in params.yaml.
+    changed = write_params(Path(params_file), dvc_params)
+    if changed:
+        print(f"{params_file} updated for DVC: {', '.join(changed)}")
     tags = {f"dvc.{path}": md5 for path, md5 in record_data_stages().items()}
     set_tags(run_id, tags)
     log_artifact(run_id, processed["report"], "data/processed")
@@ -204,7 +206,7 @@ def finetune(overrides: dict[str, Any] | None = None, params_file: str = PARAMS_
     run_id = start_tracking(cfg)
     processed = sample(cfg.data)
     tokenized = tokenize(cfg.tokenize, cfg.model, processed)
-    lineage = version_data(run_id, processed, tokenized)
+    lineage = version_data(run_id, processed, tokenized, params_file, data_overrides(overrides))
     source = eval_source(cfg, processed)
     trained = train(cfg, tokenized, run_id)
     merged = merge(cfg, trained["adapter"], lineage)

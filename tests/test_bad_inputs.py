@@ -1,14 +1,20 @@
-"""A corpus of malformed data sources and rows: each fails before any model is loaded, with a
-message that names the key, the file, the row or line and the field; nothing is written."""
+"""The bad-input corpus: malformed data files and rows, wrong config values, bad command lines and
+parameters. Each fails the flow before training with a message that names the key, the file, the
+row or line and the field; nothing is trained, pushed to DVC's remote, registered or rewritten."""
 
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import mlflow
 import pytest
 
-from chat_doctor.config import ConfigError, build_config
-from chat_doctor.sources import DataError
+from chat_doctor.config import build_config
+from chat_doctor.tracking import tracking_uri
 from tasks.sample import run_sample
+from tests.conftest import REPO, copy_project
 
 GOOD = {"instruction": "i", "input": "I have a cough.", "output": "Drink warm fluids and rest."}
 
@@ -138,28 +144,105 @@ CASES = [
 ]
 
 
+def _data_overrides(source: Path, cfg: dict) -> dict:
+    return {"data.source": str(source), "data.rows": 1, **{f"data.{key}": value for key, value in cfg.items()}}
+
+
+PLANTED = "hf_" + "Zq7" * 10  # shaped like a hub token; must never be echoed
+
+# Config values and parameters: (case id, overrides, expected message parts).
+CONFIG_CASES = [
+    ("LoRA rank zero", {"lora.r": 0}, ["`lora.r` = 0", "greater than 0"]),
+    ("base folder missing", {"model.base": "./no-such-model"}, ["`model.base` = './no-such-model'"]),
+    ("base not a hub id", {"model.base": "not a model"}, ["neither `tiny`, a hub id"]),
+    ("more rows than the source", {"data.rows": 100000}, ["data.rows = 100000 is larger than the source (400 rows"]),
+    ("misspelt key", {"train.learnign_rate": 1e-4}, ["unknown key `train.learnign_rate`"]),
+    ("token in config", {"model.token": PLANTED}, ["unknown key `model.token`", "read from the environment"]),
+    ("outputs outside the project", {"runs_dir": "/tmp/elsewhere"}, ["`runs_dir` = '/tmp/elsewhere'", "runs/"]),
+    ("outputs climbing out", {"runs_dir": "runs/../../x"}, ["`runs_dir` = 'runs/../../x'"]),
+    ("outputs over the data", {"runs_dir": "data"}, ["`runs_dir` = 'data'"]),
+    ("steps not a number", {"train.max_steps": "many"}, ["`train.max_steps` = 'many'"]),
+    ("eval fraction over one", {"data.eval_fraction": 1.5}, ["`data.eval_fraction` = 1.5"]),
+    ("eval source missing", {"evaluate.source": "./held-out.jsonl"}, ["`evaluate.source` = './held-out.jsonl'"]),
+    ("champion alias = candidate", {"registry.champion_alias": "candidate"}, ["`registry.champion_alias`"]),
+    ("unknown preset", {"preset": "gpt-5"}, ["`preset` = 'gpt-5': choose one of"]),
+    ("section replaced by a number", {"train": 5}, ["`train` = 5"]),
+    ("override under a value", {"train.max_steps": 5, "train.max_steps.x": 1}, ["conflicts with another override"]),
+    ("unknown field in column map", {"data.columns": {"answer": "output"}}, ["`data.columns.answer.[key]`"]),
+    ("length limit zero", {"data.max_chars": 0}, ["`data.max_chars` = 0"]),
+    ("strict not a yes/no", {"data.strict": "sometimes"}, ["`data.strict` = 'sometimes'"]),
+]
+
+
+@pytest.fixture(scope="module")
+def corpus_project(tmp_path_factory, tiny_model_dir, prefect_server):
+    """One copy of the project for the whole corpus (each case must leave it as it found it)."""
+    root = copy_project(tmp_path_factory.mktemp("corpus") / "project")
+    (root / "models").mkdir()
+    shutil.copytree(tiny_model_dir, root / "models" / "tiny-mistral")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        yield root
+
+
+def fails_before_training(overrides: dict) -> str:
+    """Run the flow; assert it failed with nothing trained, pushed, registered or rewritten; return the error."""
+    from flows.finetune import finetune
+
+    state = finetune(overrides=overrides, return_state=True)
+    assert state.is_failed(), state
+    with pytest.raises(Exception) as err:
+        state.result()
+    assert not list(Path("runs").glob("run-*")), "training started"
+    assert not Path("data/processed").exists() and not Path("data/tokenized").exists()
+    assert not [p for p in Path("dvc-remote").rglob("*") if p.is_file()], "data reached the DVC remote"
+    client = mlflow.MlflowClient(tracking_uri())
+    assert client.search_registered_models() == [], "something was registered"
+    for run in client.search_runs([e.experiment_id for e in client.search_experiments()]):
+        assert run.info.status == "FAILED"
+    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    assert changed.stdout == "", f"tracked files changed: {changed.stdout}"
+    return str(err.value)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(("case", "make", "cfg", "parts"), CASES, ids=[c[0] for c in CASES])
-def test_malformed_source_fails_with_a_clear_message(tmp_path, case, make, cfg, parts):
-    source = make(tmp_path)
-    data = build_config({"data": {"source": str(source), "rows": 1, **cfg}}).data
-    with pytest.raises(DataError) as err:
-        run_sample(data, tmp_path / "out")
+def test_malformed_source_fails_the_flow_before_training(corpus_project, tmp_path, case, make, cfg, parts):
+    message = fails_before_training(_data_overrides(make(tmp_path), cfg))
     for part in parts:
-        assert part in str(err.value), f"{case}: {part!r} not in {err.value}"
-    assert not (tmp_path / "out").exists()
+        assert part in message, f"{case}: {part!r} not in {message}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("case", "overrides", "parts"), CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
+def test_bad_config_fails_the_flow_before_training(corpus_project, case, overrides, parts):
+    message = fails_before_training(overrides)
+    for part in parts:
+        assert part in message, f"{case}: {part!r} not in {message}"
+    assert PLANTED not in message
+
+
+@pytest.mark.slow
+def test_bad_eval_source_fails_before_training(corpus_project, tmp_path):
+    source = write(tmp_path, "held_out.jsonl", jsonl([GOOD]) + "{broken\n")
+    message = fails_before_training({"evaluate.source": str(source)})
+    assert "evaluate.source" in message and "held_out.jsonl line 2: not valid JSON" in message
 
 
 @pytest.mark.parametrize(
-    ("data", "message"),
+    ("args", "message"),
     [
-        ({"columns": {"answer": "output"}}, "`data.columns.answer.[key]`"),
-        ({"max_chars": 0}, "`data.max_chars` = 0"),
-        ({"strict": "sometimes"}, "`data.strict` = 'sometimes'"),
+        (["train.max_steps"], "override 'train.max_steps': expected KEY=VALUE"),
+        (["=3"], "override '=3': expected KEY=VALUE"),
+        (["lora.r=-4"], "`lora.r` = -4"),
     ],
 )
-def test_bad_data_config_names_the_key(data, message):
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
-        build_config({"data": data})
+def test_bad_command_line_fails_with_the_key(tmp_path, args, message):
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.finetune", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
 
 
 def test_default_mode_drops_and_counts_what_strict_mode_rejects(tmp_path):

@@ -47,6 +47,27 @@ def run_deployment(env: dict, overrides: dict) -> subprocess.CompletedProcess:
     return subprocess.run([BIN / "prefect", *command], env=env, capture_output=True, text=True, timeout=600)
 
 
+def flow_run_state(flow_run_id: str):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id).state
+
+
+def retry_and_wait(env: dict, flow_run_id: str, timeout: float = 600):
+    """`prefect flow-run retry` (the served deployment picks it up); the state it ends in."""
+    assert subprocess.run([BIN / "prefect", "flow-run", "retry", flow_run_id], env=env).returncode == 0
+    deadline = time.time() + timeout
+    while not (state := flow_run_state(flow_run_id)).is_final():
+        assert time.time() < deadline, f"retry still {state.name}"
+        time.sleep(3)
+    return state
+
+
+def flow_run_id_of(output: str) -> str:
+    return re.search(r"UUID: ([0-9a-f-]{36})", output).group(1)
+
+
 def test_deployment_run_with_overrides(project, prefect_server, tmp_path):
     source = tmp_path / "my_rows.jsonl"
     rows = Path("data/raw/synthetic_healthcaremagic.jsonl").read_text().splitlines()[:120]
@@ -102,22 +123,12 @@ def test_deployment_evaluates_a_jsonl_of_real_rows_and_rescores_the_champion(pro
 def test_flow_run_retry_skips_finished_steps_and_resumes(project, prefect_server):
     """A run that fails mid-training, retried with `prefect flow-run retry`, completes: the data
     steps come from the cache, training resumes from its checkpoint, the MLflow run is reused."""
-    from prefect.client.orchestration import get_client
-
     overrides = {"train.max_steps": 6, "train.save_steps": 3, "train.logging_steps": 1, **QUICK_EVAL}
     with served_deployment(prefect_server, CHAT_DOCTOR_FAIL_AT_STEP="5") as env:
         first = run_deployment(env, overrides)
         assert first.returncode == 1 and "Failed" in first.stdout, first.stdout + first.stderr
-        flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", first.stdout).group(1)
-        assert subprocess.run([BIN / "prefect", "flow-run", "retry", flow_run_id], env=env).returncode == 0
-        deadline = time.time() + 600
-        while True:
-            with get_client(sync_client=True) as client:
-                state = client.read_flow_run(flow_run_id).state
-            if state.is_final():
-                break
-            assert time.time() < deadline, f"retry still {state.name}"
-            time.sleep(3)
+        flow_run_id = flow_run_id_of(first.stdout)
+        state = retry_and_wait(env, flow_run_id)
     assert state.is_completed(), state.message
     states = task_states(flow_run_id)
     assert states["sample"] == "Cached" and states["tokenize"] == "Cached"
@@ -139,7 +150,7 @@ def test_sigkilled_training_resumes_when_the_deployment_runs_again(project, pref
         assert (checkpoints / "checkpoint-4").is_dir() and not (checkpoints / "checkpoint-4" / ".complete").exists()
         again = run_deployment(env, overrides)
     assert again.returncode == 0, again.stdout + again.stderr
-    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", again.stdout).group(1)
+    flow_run_id = flow_run_id_of(again.stdout)
     states = task_states(flow_run_id)
     assert states["sample"] == "Cached" and states["tokenize"] == "Cached"
     client = mlflow.MlflowClient(tracking_uri())

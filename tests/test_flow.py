@@ -161,28 +161,6 @@ def test_the_better_run_is_champion_the_worse_stays_candidate(project, prefect_s
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
 
 
-@pytest.mark.parametrize(
-    ("overrides", "message"),
-    [
-        ({"lora.r": 0}, "`lora.r` = 0"),
-        ({"model.base": "./no-such-model"}, "`model.base` = './no-such-model'"),
-        ({"data.rows": 100000}, "data.rows = 100000 is larger than the source (400 rows"),
-    ],
-)
-def test_bad_config_fails_before_training(project, prefect_server, overrides, message):
-    from flows.finetune import finetune
-
-    state = finetune(overrides={**FAST, **overrides}, return_state=True)
-    assert state.is_failed()
-    with pytest.raises(Exception, match=message.replace("(", r"\(").replace("`", "`")):
-        state.result()
-    assert not Path("runs").exists()  # no training started
-    client = mlflow.MlflowClient(tracking_uri())
-    assert client.search_registered_models() == []
-    for run in client.search_runs([e.experiment_id for e in client.search_experiments()]):
-        assert run.info.status == "FAILED"
-
-
 @needs_real_rows()
 def test_flow_on_real_rows(project, prefect_server):
     from flows.finetune import finetune
