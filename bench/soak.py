@@ -1,6 +1,6 @@
 """Soak run: the `finetune` flow on the embedded default, many times, with faults injected.
 
-    python bench/soak.py                          # 20 OOM runs, 10 SIGKILLs, a register crash, MLflow down
+    python bench/soak.py                          # 20 OOM runs, 10 SIGKILLs, 2 register crashes, 2 MLflow down
     python bench/soak.py --oom 2 --kill 2         # a short one
     python bench/soak.py --record                 # also append the figures to bench/RESULTS.md
 
@@ -83,6 +83,7 @@ class Soak:
             # Fail fast while the store is down (the default retries for minutes).
             "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
             "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         }
         os.environ.update({k: v for k, v in self.env.items() if k.startswith(("PREFECT_", "MLFLOW_"))})
         self.logs = workdir / "logs"
@@ -394,8 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--oom", type=int, default=20, help="runs with out-of-memory at a random step")
     parser.add_argument("--kill", type=int, default=10, help="runs with training SIGKILLed")
-    parser.add_argument("--register-crash", type=int, default=1)
-    parser.add_argument("--mlflow-down", type=int, default=1)
+    parser.add_argument("--register-crash", type=int, default=2, help="runs killed mid-registration")
+    parser.add_argument("--mlflow-down", type=int, default=2, help="runs that lose the MLflow server in register")
     parser.add_argument("--max-minutes", type=float, default=120, help="start no new run after this")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None)
