@@ -182,7 +182,11 @@ class Soak:
         with get_client(sync_client=True) as client:
             runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [flow_run_id]}))
         attempt = max((run.flow_run_run_count for run in runs), default=0)
-        return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs if r.flow_run_run_count == attempt}
+        return {
+            r.name.rsplit("-", 1)[0]: r.state.name if r.state else "Pending"
+            for r in runs
+            if r.flow_run_run_count == attempt
+        }
 
     # --- checks ------------------------------------------------------------------------------------
 
@@ -367,6 +371,14 @@ def mlflow_down_run(soak: Soak, i: int) -> dict:
 FAULTS = {"oom": oom_run, "kill": kill_run, "register-crash": register_crash_run, "mlflow-down": mlflow_down_run}
 
 
+def stop_flows() -> None:
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        if any(word in " ".join(child.cmdline()) for word in ("flows.finetune", "flows.deploy", "flow-run")):
+            child.kill()
+
+
 def record(summary: dict, command: str) -> None:
     import torch
     import transformers
@@ -425,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
                 result = FAULTS[kind](soak, i)
             except Exception as err:  # a harness failure is a failed run
                 result = {"fault": kind, "injected": False, "problems": [f"{type(err).__name__}: {err}"]}
+                stop_flows()  # none may run on beside the next one
             result.update(kind=kind, seconds=round(time.time() - began))
             results.append(result)
             verdict = "ok" if not result["problems"] else "PROBLEM " + "; ".join(result["problems"])

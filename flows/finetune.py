@@ -1,4 +1,4 @@
-"""The `finetune` flow: sample -> tokenize -> (DVC) -> eval-source -> train -> merge -> evaluate -> register.
+"""The `finetune` flow: sample -> tokenize -> eval-source -> (DVC) -> train -> merge -> evaluate -> register.
 
 Run locally:        python -m flows.finetune [data.source=PATH train.max_steps=20 ...]
 Through Prefect:    prefect deployment run finetune/default --param overrides='{"train.max_steps": 20}'
@@ -206,8 +206,8 @@ def finetune(overrides: dict[str, Any] | None = None, params_file: str = PARAMS_
     run_id = start_tracking(cfg)
     processed = sample(cfg.data)
     tokenized = tokenize(cfg.tokenize, cfg.model, processed)
+    source = eval_source(cfg, processed)  # before anything is pushed: a bad eval file fails first
     lineage = version_data(run_id, processed, tokenized, params_file, data_overrides(overrides))
-    source = eval_source(cfg, processed)
     trained = train(cfg, tokenized, run_id)
     merged = merge(cfg, trained["adapter"], lineage)
     report = evaluate(cfg, tokenized, processed, merged, source, run_id)

@@ -186,7 +186,7 @@ def corpus_project(tmp_path_factory, tiny_model_dir, prefect_server):
         yield root
 
 
-def fails_before_training(overrides: dict) -> str:
+def fails_before_training(overrides: dict, data_steps_ran: bool = False) -> str:
     """Run the flow; assert it failed with nothing trained, pushed, registered or rewritten; return the error."""
     from flows.finetune import finetune
 
@@ -195,7 +195,7 @@ def fails_before_training(overrides: dict) -> str:
     with pytest.raises(Exception) as err:
         state.result()
     assert not list(Path("runs").glob("run-*")), "training started"
-    assert not Path("data/processed").exists() and not Path("data/tokenized").exists()
+    assert Path("data/processed").exists() == Path("data/tokenized").exists() == data_steps_ran
     assert not [p for p in Path("dvc-remote").rglob("*") if p.is_file()], "data reached the DVC remote"
     client = mlflow.MlflowClient(tracking_uri())
     assert client.search_registered_models() == [], "something was registered"
@@ -224,10 +224,10 @@ def test_bad_config_fails_the_flow_before_training(corpus_project, case, overrid
 
 
 @pytest.mark.slow
-def test_bad_eval_source_fails_before_training(corpus_project, tmp_path):
+def test_bad_eval_source_fails_before_anything_is_pushed(project, prefect_server, tmp_path):
     source = write(tmp_path, "held_out.jsonl", jsonl([GOOD]) + "{broken\n")
-    message = fails_before_training({"evaluate.source": str(source)})
-    assert "evaluate.source" in message and "held_out.jsonl line 2: not valid JSON" in message
+    message = fails_before_training({"evaluate.source": str(source)}, data_steps_ran=True)
+    assert "evaluate.source" in message and "held_out.jsonl: cannot be read as json: line 2: not valid JSON" in message
 
 
 @pytest.mark.parametrize(
@@ -252,3 +252,29 @@ def test_default_mode_drops_and_counts_what_strict_mode_rejects(tmp_path):
     report = json.loads(Path(paths["report"]).read_text())
     assert report["dropped"] == {"input: empty": 1, "output: not a string": 1}
     assert report["rows_read"] == 4 and report["rows_kept"] == 2
+
+
+@pytest.mark.slow
+def test_bad_deployment_parameters_fail_before_training(project, prefect_server):
+    """`prefect deployment run finetune/default --param overrides=...` with bad values, as users type them."""
+    from tests.test_deployment import BIN, flow_run_id_of, flow_run_state, served_deployment
+
+    cases = [
+        ('{"lora.r": 0}', "`lora.r` = 0"),
+        ('{"data.source": "/no/such/rows.jsonl"}', "data.source: '/no/such/rows.jsonl' does not exist"),
+        (json.dumps({"model.token": PLANTED}), "unknown key `model.token`: secrets never go in params.yaml"),
+    ]
+    with served_deployment(prefect_server) as env:
+        for overrides, message in cases:
+            command = ["deployment", "run", "finetune/default", "--watch", "--param", f"overrides={overrides}"]
+            done = subprocess.run([BIN / "prefect", *command], env=env, capture_output=True, text=True, timeout=600)
+            assert done.returncode != 0, done.stdout
+            state = flow_run_state(flow_run_id_of(done.stdout))
+            assert state.is_failed() and message in state.message, (message, state.message)
+            assert PLANTED not in state.message
+        # Not a mapping of dotted keys: Prefect refuses the parameter before any run starts.
+        command = ["deployment", "run", "finetune/default", "--param", "overrides=[1, 2]"]
+        done = subprocess.run([BIN / "prefect", *command], env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode != 0 and "overrides" in done.stdout + done.stderr, done.stdout + done.stderr
+    assert not list(Path("runs").glob("run-*")) and not list(Path("dvc-remote").rglob("*.*"))
+    assert mlflow.MlflowClient(tracking_uri()).search_registered_models() == []

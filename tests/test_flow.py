@@ -30,8 +30,12 @@ def task_states(flow_run_id) -> dict[str, str]:
     """{task name: state name} for the latest attempt of a flow run (a retry is a new attempt)."""
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [flow_run_id]}))
-    attempt = max(run.flow_run_run_count for run in runs)
-    return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs if run.flow_run_run_count == attempt}
+    attempt = max((run.flow_run_run_count for run in runs), default=0)
+    return {
+        run.name.rsplit("-", 1)[0]: run.state.name if run.state else "Pending"
+        for run in runs
+        if run.flow_run_run_count == attempt
+    }
 
 
 def dvc_status() -> dict:

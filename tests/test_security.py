@@ -64,7 +64,7 @@ def test_hub_token_is_never_written_to_logs_params_tags_or_artifacts(project, pr
         artifacts = client.read_artifacts()
         flow_run = client.read_flow_run(flow_run_id)
         tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [flow_run_id]}))
-    assert len(logs) > 20 and artifacts
+    assert logs and artifacts
     held = [log.message for log in logs] + [json.dumps(a.data, default=str) for a in artifacts]
     held += [json.dumps(flow_run.parameters), *(json.dumps(t.task_inputs, default=str) for t in tasks)]
     assert not [text for text in held if TOKEN in text]
