@@ -307,6 +307,18 @@ def kill_run(soak: Soak, i: int) -> dict:
     return {"fault": fault, "flow_run": flow_run_id, "injected": injected, "problems": problems}
 
 
+def stop_when_idle(server: subprocess.Popen) -> None:
+    """Stop a served deployment once its flow processes have exited: a runner stopped while a
+    finished run's process is still exiting marks that run Cancelled."""
+    import psutil
+
+    deadline = time.time() + 60
+    while psutil.Process(server.pid).children() and time.time() < deadline:
+        time.sleep(0.5)
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=60)
+
+
 def register_crash_run(soak: Soak, i: int) -> dict:
     """Through the served deployment, as users run it: the runner marks the killed run Crashed."""
     from chat_doctor.registry import versions_of_run
@@ -331,8 +343,7 @@ def register_crash_run(soak: Soak, i: int) -> dict:
         soak.retry(flow_run_id, f"run{i}-crash", entrypoint=False)
         soak.wait_final(flow_run_id)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
+        stop_when_idle(server)
     problems = soak.check_run(flow_run_id)
     if soak.task_states(flow_run_id).get("train") != "Cached":
         problems.append("training ran again on the retry")

@@ -195,8 +195,8 @@ def _summary(registered: dict, run_id: str) -> str:
     )
 
 
-def _mark_mlflow_failed(flow_, flow_run_, state) -> None:
-    fail_runs_of(str(flow_run_.id))
+def _mark_mlflow_failed(flow, flow_run, state) -> None:  # Prefect passes these by name
+    fail_runs_of(str(flow_run.id))
 
 
 @flow(name="finetune", log_prints=True, on_failure=[_mark_mlflow_failed], on_crashed=[_mark_mlflow_failed])

@@ -65,15 +65,19 @@ def _log_model(cfg: Config, mlflow_run_id: str, folder: str, kind: str):
         model = load_adapter(load_base_model(cfg.model, quantized=True), folder)
     else:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(cfg.merge.dtype), use_safetensors=True)
-    client()
+    mlflow_client = client()
     with mlflow.start_run(run_id=mlflow_run_id):
-        return mlflow.transformers.log_model(
+        logged = mlflow.transformers.log_model(
             transformers_model={"model": model, "tokenizer": tokenizer},
             name=kind,
             task="text-generation",
             base_model_path=local_base if kind == "adapter" and Path(local_base).is_dir() else None,
             pip_requirements=PIP_REQUIREMENTS,
         )
+    # Leaving the block marked the run FINISHED; it runs on until registration is done, and a crash
+    # before then must find it RUNNING to mark it FAILED.
+    mlflow_client.update_run(mlflow_run_id, status="RUNNING")
+    return logged
 
 
 def _clear_earlier_attempt(names: list[str], mlflow_run_id: str) -> dict[str, str]:

@@ -38,8 +38,19 @@ def served_deployment(api_url: str, **extra_env: str):
             time.sleep(2)
         yield env
     finally:
-        server.terminate()
-        server.wait(timeout=60)
+        stop_when_idle(server)
+
+
+def stop_when_idle(server: subprocess.Popen) -> None:
+    """Stop a served deployment once its flow processes have exited: a runner stopped while a
+    finished run's process is still exiting marks that run Cancelled."""
+    import psutil
+
+    deadline = time.time() + 60
+    while psutil.Process(server.pid).children() and time.time() < deadline:
+        time.sleep(0.5)
+    server.terminate()
+    server.wait(timeout=60)
 
 
 def run_deployment(env: dict, overrides: dict) -> subprocess.CompletedProcess:

@@ -52,6 +52,11 @@ def test_crash_mid_registration_is_cleaned_up_by_the_retry(project, prefect_serv
         flow_run_id = flow_run_id_of(first.stdout)
         assert flow_run_state(flow_run_id).name == "Crashed", first.stdout[-3000:]
         client = mlflow.MlflowClient(tracking_uri())
+        (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        deadline = time.time() + 60
+        while client.get_run(run.info.run_id).info.status != "FAILED":  # by the flow's on_crashed hook
+            assert time.time() < deadline, client.get_run(run.info.run_id).info.status
+            time.sleep(1)
         # The kill came between creating the version and completing it: a half-written version, no alias.
         assert versions(client) == [(1, "incomplete")]
         assert client.get_registered_model(MODEL).aliases == {}
@@ -63,7 +68,7 @@ def test_crash_mid_registration_is_cleaned_up_by_the_retry(project, prefect_serv
     assert versions(client) == [(2, "complete")]  # v1 deleted by the retry, v2 registered once
     assert client.get_registered_model(MODEL).aliases == {"candidate": 2, "champion": 2}
     not_redone(flow_run_id)
-    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4]
 
 
