@@ -8,7 +8,7 @@ of their inputs and their config section (not on run ids), so a retry or a rerun
 inputs skips them. Within one flow run, the steps after them are cached on their inputs too
 (Prefect's default policy, which includes the run id): `prefect flow-run retry` redoes only what
 failed. A new run with the same settings resumes training from its last checkpoint. Results are
-stored as JSON (paths and ids), never pickled.
+stored as JSON (paths and ids), not pickled.
 """
 
 from __future__ import annotations

@@ -46,6 +46,13 @@ def copy_project(dest: Path) -> Path:
     return dest
 
 
+@pytest.fixture(autouse=True)
+def _no_tracking_uri_left_behind():
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; one test's store must not become the next's."""
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """The embedded base, built once per session (the copies below link to it)."""

@@ -3,6 +3,7 @@ parameters. Each fails the flow before training with a message that names the ke
 row or line and the field; nothing is trained, pushed to DVC's remote, registered or rewritten."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 from chat_doctor.config import build_config
 from chat_doctor.tracking import tracking_uri
 from tasks.sample import run_sample
-from tests.conftest import REPO, copy_project
+from tests.conftest import copy_project
 
 GOOD = {"instruction": "i", "input": "I have a cough.", "output": "Drink warm fluids and rest."}
 
@@ -230,6 +231,7 @@ def test_bad_eval_source_fails_before_anything_is_pushed(project, prefect_server
     assert "evaluate.source" in message and "held_out.jsonl: cannot be read as json: line 2: not valid JSON" in message
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -238,11 +240,12 @@ def test_bad_eval_source_fails_before_anything_is_pushed(project, prefect_server
         (["lora.r=-4"], "`lora.r` = -4"),
     ],
 )
-def test_bad_command_line_fails_with_the_key(tmp_path, args, message):
-    done = subprocess.run(
-        [sys.executable, "-m", "flows.finetune", *args], cwd=REPO, capture_output=True, text=True, timeout=300
-    )
+def test_bad_command_line_fails_with_the_key(corpus_project, prefect_server, args, message):
+    env = {**os.environ, "PREFECT_API_URL": prefect_server, "PYTHONPATH": str(corpus_project)}
+    command = [sys.executable, "-m", "flows.finetune", *args]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
+    assert not list(Path("runs").glob("run-*")) and not Path("data/processed").exists()
 
 
 def test_default_mode_drops_and_counts_what_strict_mode_rejects(tmp_path):

@@ -57,6 +57,13 @@ def champion_project(tmp_path_factory, tiny_model_dir) -> Path:
     return root
 
 
+def project_env(root: Path) -> dict[str, str]:
+    """The environment for a process in `root`: its own code and its own MLflow store (an earlier
+    test's tracking URI, exported by mlflow.set_tracking_uri, must not leak in)."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return {**env, "PYTHONPATH": str(root)}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -71,7 +78,7 @@ def served_chat(root: Path, *args: str, **env: str):
     server = subprocess.Popen(
         [sys.executable, "-m", "app.chat", "--port", str(port), *args],
         cwd=root,
-        env={**os.environ, "PYTHONPATH": str(root), **env},
+        env={**project_env(root), **env},
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -152,7 +159,7 @@ def test_terminal_chat(champion_project):
     done = subprocess.run(
         [sys.executable, "-m", "app.chat", "--terminal", "--model", "v1"],
         cwd=champion_project,
-        env={**os.environ, "PYTHONPATH": str(champion_project)},
+        env=project_env(champion_project),
         input=f"{'y' * 2001}\n{QUESTION}\n/quit\n",
         capture_output=True,
         text=True,
@@ -190,7 +197,7 @@ def test_a_missing_version_or_folder_is_a_clear_error(champion_project):
         done = subprocess.run(
             [sys.executable, "-m", "app.chat", "--terminal", "--model", model],
             cwd=champion_project,
-            env={**os.environ, "PYTHONPATH": str(champion_project)},
+            env=project_env(champion_project),
             input="",
             capture_output=True,
             text=True,
