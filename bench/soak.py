@@ -474,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
         f"lost or half-written {summary['lost_or_half_written']} ({audit}) | {summary['minutes']:.1f} min"
     )
     if args.record:
-        record(summary, "python bench/soak.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+        shown = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--workdir" and a != str(args.workdir)]
+        record(summary, "python bench/soak.py " + " ".join(shown))
     return 0 if summary["correct"] == summary["runs"] and summary["lost_or_half_written"] == 0 else 1
 
 
