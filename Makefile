@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 # A CPU build of torch: found locally on machines that carry one; elsewhere pass
 # TORCH_INDEX=https://download.pytorch.org/whl/cpu (the default index serves a multi-GB CUDA build).
 TORCH_INDEX ?=
+# EXTRAS=dev,gpu on a CUDA machine adds liger-kernel, which the GPU presets use.
+EXTRAS ?= dev
 PREFECT_PORT ?= 4200
 export PREFECT_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
@@ -22,7 +24,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[$(EXTRAS)]'
 	touch $@
 
 venv: $(BIN)/.installed

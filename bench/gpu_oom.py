@@ -44,7 +44,7 @@ def main() -> None:
     write_source(source, 2000)  # realistic lengths: a few hundred tokens a row
     cfg = build_config(
         {
-            "preset": "mistral-7b" if args.base != "tiny" else "cpu-tiny",
+            "preset": "mistral-7b-original" if args.base != "tiny" else "cpu-tiny",
             "runs_dir": str(args.out / "runs"),
             "model": {"base": base},
             "data": {"source": str(source), "rows": 1000},

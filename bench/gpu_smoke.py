@@ -1,7 +1,7 @@
 """GPU smoke run of the pipeline's steps with Mistral-7B shapes (random weights: no hub needed).
 
 Runs sample -> tokenize -> train (NF4 4-bit through bitsandbytes, paged 8-bit AdamW, bf16,
-gradient checkpointing: the `mistral-7b` preset) -> merge (bf16, logit check) -> evaluate, and
+gradient checkpointing: the `mistral-7b-original` preset) -> merge (bf16, logit check) -> evaluate, and
 prints one JSON line of figures: step times, real tokens/s, peak GPU memory, losses.
 
     python bench/gpu_smoke.py --base mistral-7b-random --steps 30 --out /tmp/smoke
@@ -81,7 +81,7 @@ def main() -> None:
         figures["build_s"] = round(time.perf_counter() - start, 1)
     cfg = build_config(
         {
-            "preset": "mistral-7b" if args.base != "tiny" else "cpu-tiny",
+            "preset": "mistral-7b-original" if args.base != "tiny" else "cpu-tiny",
             "runs_dir": str(args.out / "runs"),
             "model": {"base": base},
             "data": {"source": "data/raw/synthetic_healthcaremagic.jsonl", "rows": 400},

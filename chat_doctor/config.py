@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 PARAMS_FILE = "params.yaml"
 # Data outputs tracked by DVC (dvc.yaml names the same folders).
@@ -132,6 +132,11 @@ class LoraConfig(_Section):
         min_length=1,
         description="Linear layers that get an adapter; all of them trains best.",
     )
+    adapter_dtype: Literal["float32", "compute"] = Field(
+        "float32",
+        description="Adapter weights in fp32 (peft's default) or in model.compute_dtype: bf16 adapters skip "
+        "a cast per layer and halve adapter memory; the optimizer still keeps its own state.",
+    )
 
 
 class TrainConfig(_Section):
@@ -147,20 +152,101 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations: far less memory, ~30% slower. On for big models."
     )
+    checkpoint_every_n_layers: int = Field(
+        1,
+        gt=0,
+        description="With gradient_checkpointing: recompute only every n-th layer (2 = half the "
+        "recomputation, more memory).",
+    )
+    checkpoint_offload: bool = Field(
+        False,
+        description="With gradient_checkpointing: keep the checkpointed layer inputs in CPU memory "
+        "(least GPU memory; costs PCIe copies).",
+    )
     packing: bool = Field(
         False,
         description="Padding-free: a micro-batch's rows are concatenated into one sequence with per-row "
         "attention (position ids restart at each row), so no compute goes to padding.",
+    )
+    upcast_layers: bool = Field(
+        True,
+        description="Norms, embeddings and lm_head in fp32 (peft's prepare_model_for_kbit_training, the "
+        "notebook's choice): steadier in fp16; in bf16 it costs ~1 GiB and a slow fp32 lm_head.",
+    )
+    kernels: Literal["none", "liger"] = Field(
+        "none",
+        description="liger: Triton kernels for RMSNorm, SwiGLU and RoPE, and lm_head fused with the loss so "
+        "the logits are never held (GPU only; install the `gpu` extra).",
+    )
+    attention: Literal["sdpa", "varlen", "flex_attention", "eager"] = Field(
+        "sdpa",
+        description="Attention kernel. With packing, sdpa masks a dense block-diagonal matrix; varlen "
+        "(CUDA, needs packing) runs flash attention over each row alone; flex_attention skips the blocks "
+        "between rows (compiled on first use).",
+    )
+    gpus: int | Literal["auto"] = Field(
+        "auto",
+        description="Processes (one per GPU) for data-parallel training; auto = every visible GPU. The "
+        "effective batch is kept: each process gets its share of micro_batch_size x grad_accum.",
+    )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp: a full 4-bit copy of the base per GPU (fastest). fsdp: the base is sharded "
+        "across GPUs, for models that do not fit one.",
+    )
+    nnodes: int = Field(1, gt=0, description="Machines taking part; each runs the step with its node_rank.")
+    node_rank: int = Field(0, ge=0, description="This machine's rank, 0 .. nnodes-1.")
+    rdzv_endpoint: str = Field(
+        "127.0.0.1:29500", description="host:port of node 0, where the processes of all machines meet."
     )
     logging_steps: int = Field(5, gt=0)
     save_steps: int = Field(20, gt=0, description="Checkpoint every K steps (resume point after a crash).")
     save_total_limit: int = Field(2, gt=0, description="Checkpoints kept.")
     seed: int = 42
 
+    @model_validator(mode="after")
+    def _settings_fit_together(self) -> TrainConfig:
+        if self.attention == "varlen" and not self.packing:
+            raise ValueError("train.attention = varlen needs train.packing: true (it attends within packed rows)")
+        if self.strategy == "fsdp" and self.upcast_layers:
+            raise ValueError("train.strategy = fsdp needs train.upcast_layers: false (FSDP shards one dtype)")
+        return self
 
-def effective_batch(train: TrainConfig, processes: int = 1) -> int:
-    """Rows per optimizer step: micro-batch x accumulation x processes. OOM retries keep it."""
-    return train.micro_batch_size * train.grad_accum * processes
+    @field_validator("gpus")
+    @classmethod
+    def _positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be auto or at least 1")
+        return value
+
+    @field_validator("node_rank")
+    @classmethod
+    def _rank_in_range(cls, value: int, info: ValidationInfo) -> int:
+        if value >= info.data.get("nnodes", 1):
+            raise ValueError(f"must be below train.nnodes = {info.data.get('nnodes', 1)}")
+        return value
+
+
+def effective_batch(train: TrainConfig) -> int:
+    """Rows per optimizer step: micro-batch x accumulation, over all GPUs together. OOM retries keep it."""
+    return train.micro_batch_size * train.grad_accum
+
+
+def split_for_processes(train: TrainConfig, processes: int) -> tuple[int, int]:
+    """(micro-batch, accumulation) of each of `processes` data-parallel processes; the effective batch stays.
+
+    Each process takes 1/processes of the rows of a step, in micro-batches no larger than the
+    configured one (memory was sized for that).
+    """
+    total = effective_batch(train)
+    if total % processes:
+        raise ConfigError(
+            f"train.micro_batch_size x train.grad_accum = {total} rows per step cannot be split over "
+            f"{processes} GPUs: make it a multiple of {processes} (or set train.gpus)"
+        )
+    share = total // processes
+    micro = max(m for m in range(1, min(train.micro_batch_size, share) + 1) if share % m == 0)
+    return micro, share // micro
 
 
 class MergeConfig(_Section):
@@ -256,6 +342,12 @@ class Config(_Section):
     registry: RegisterConfig = RegisterConfig()
     chat: ChatConfig = ChatConfig()
 
+    @model_validator(mode="after")
+    def _fsdp_shards_one_dtype(self) -> Config:
+        if self.train.strategy == "fsdp" and self.lora.adapter_dtype != "compute":
+            raise ValueError("train.strategy = fsdp needs lora.adapter_dtype: compute (FSDP shards one dtype)")
+        return self
+
     @field_validator("runs_dir")
     @classmethod
     def _inside_runs(cls, value: str) -> str:
@@ -269,31 +361,6 @@ class Config(_Section):
         return value
 
 
-# Presets hold only what differs from the field defaults above (which are `cpu-tiny`).
-PRESETS: dict[str, dict[str, Any]] = {
-    "cpu-tiny": {},
-    # The original Chat-Doctor recipe on one GPU.
-    "mistral-7b": {
-        "model": {"base": "mistralai/Mistral-7B-v0.1"},
-        "data": {"source": "lavita/ChatDoctor-HealthCareMagic-100k", "rows": 5000},
-        "tokenize": {"max_length": 512},
-        "lora": {"r": 32, "alpha": 64, "dropout": 0.05},
-        "train": {
-            "max_steps": 500,
-            "micro_batch_size": 4,
-            "grad_accum": 1,
-            "learning_rate": 2.5e-4,
-            "optim": "paged_adamw_8bit",
-            "gradient_checkpointing": True,
-            "logging_steps": 10,
-            "save_steps": 50,
-            "save_total_limit": 3,
-        },
-        "evaluate": {"batch_size": 16, "rows": 500},
-    },
-}
-
-
 def deep_merge(base: dict, update: dict) -> dict:
     merged = copy.deepcopy(base)
     for key, value in update.items():
@@ -302,6 +369,71 @@ def deep_merge(base: dict, update: dict) -> dict:
         else:
             merged[key] = copy.deepcopy(value)
     return merged
+
+
+# Presets hold only what differs from the field defaults above (which are `cpu-tiny`).
+# The Mistral-7B presets: bench/gpu_speed.py measures each against the notebook and unsloth
+# (bench/RESULTS.md); `mistral-7b` is the fastest that fits 40 GiB, `-lean` the smallest.
+_MISTRAL_7B = {
+    "model": {"base": "mistralai/Mistral-7B-v0.1"},
+    "data": {"source": "lavita/ChatDoctor-HealthCareMagic-100k", "rows": 5000},
+    "tokenize": {"max_length": 512},
+    "evaluate": {"batch_size": 16, "rows": 500},
+}
+_FAST = {
+    # r=32 on all seven projections (no lm_head: +1.2M parameters, 10% slower, nothing gained);
+    # bf16 throughout; rows packed with per-row attention; no activation recomputation.
+    "lora": {"r": 32, "alpha": 64, "dropout": 0.0, "adapter_dtype": "compute"},
+    "train": {
+        "max_steps": 140,  # ~2 epochs of 4,500 rows at 64 rows a step
+        "micro_batch_size": 16,  # at most 16 x 512 = 8,192 tokens a forward pass
+        "grad_accum": 4,
+        "learning_rate": 2e-4,
+        "optim": "adamw_torch_fused",
+        "gradient_checkpointing": False,
+        "upcast_layers": False,
+        "kernels": "liger",
+        "attention": "varlen",
+        "packing": True,
+        "logging_steps": 5,
+        "save_steps": 20,
+        "save_total_limit": 3,
+    },
+}
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu-tiny": {},
+    "mistral-7b": deep_merge(_MISTRAL_7B, _FAST),
+    # Least GPU memory: the fast recipe recomputing each layer in the backward pass, half the micro-batch.
+    "mistral-7b-lean": deep_merge(
+        deep_merge(_MISTRAL_7B, _FAST),
+        {
+            "train": {
+                "micro_batch_size": 8,
+                "grad_accum": 8,
+                "optim": "paged_adamw_8bit",
+                "gradient_checkpointing": True,
+            }
+        },
+    ),
+    # The original Chat-Doctor notebook's recipe (unpacked rows, fp32 norms and lm_head, checkpointing).
+    "mistral-7b-original": deep_merge(
+        _MISTRAL_7B,
+        {
+            "lora": {"r": 32, "alpha": 64, "dropout": 0.05},
+            "train": {
+                "max_steps": 500,
+                "micro_batch_size": 4,
+                "grad_accum": 1,
+                "learning_rate": 2.5e-4,
+                "optim": "paged_adamw_8bit",
+                "gradient_checkpointing": True,
+                "logging_steps": 10,
+                "save_steps": 50,
+                "save_total_limit": 3,
+            },
+        },
+    ),
+}
 
 
 def cli_overrides(items: list[str]) -> dict[str, Any]:

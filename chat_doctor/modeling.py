@@ -6,6 +6,7 @@ through bitsandbytes (on CUDA and on the CPU alike); merging and evaluation load
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from chat_doctor.config import TINY, ModelConfig
@@ -24,6 +25,13 @@ def device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def local_device() -> str:
+    """This process's device: under a data-parallel launch each process owns GPU number LOCAL_RANK."""
+    if device() == "cpu":
+        return "cpu"
+    return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
 
 
 def resolve_dtype(name: str):
@@ -51,8 +59,18 @@ def load_tokenizer(cfg: ModelConfig, location: str | None = None):
     return tokenizer
 
 
-def load_base_model(cfg: ModelConfig, *, quantized: bool, dtype_name: str | None = None):
-    """The base model, 4-bit (NF4 by default) for training, or full precision for merge and eval."""
+def load_base_model(
+    cfg: ModelConfig,
+    *,
+    quantized: bool,
+    dtype_name: str | None = None,
+    attention: str = "sdpa",
+):
+    """The base model, 4-bit (NF4 by default) for training, or full precision for merge and eval.
+
+    The 4-bit weights are stored as `compute_dtype`, so FSDP can shard them with the rest. Each
+    data-parallel process loads its copy onto its own GPU.
+    """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     compute_dtype = resolve_dtype(dtype_name or cfg.compute_dtype)
@@ -69,7 +87,8 @@ def load_base_model(cfg: ModelConfig, *, quantized: bool, dtype_name: str | None
         base_location(cfg),
         revision=cfg.revision,
         dtype=compute_dtype,
-        device_map={"": device()},
+        device_map={"": local_device()},
+        attn_implementation=attention,
         trust_remote_code=cfg.trust_remote_code,
         use_safetensors=True,  # never unpickle weights
         **kwargs,

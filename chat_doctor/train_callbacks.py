@@ -49,6 +49,8 @@ def callbacks(run_dir: Path, run_id: str | None) -> list:
         """Trainer calls on_save after model, optimizer, scheduler, RNG and state are written."""
 
         def on_save(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:
+                return  # the first process writes the checkpoint and marks it
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if _inject(KILL_ENV, "kill", state.global_step):
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -73,20 +75,24 @@ def callbacks(run_dir: Path, run_id: str | None) -> list:
                 log_metrics(run_id, metrics, step=state.global_step)
 
     class Progress(TrainerCallback):
-        """One plain line per logging step with an ETA (stdout, which the flow's logs collect)."""
+        """One plain line per logging step with real tokens/s (all processes) and an ETA, on stdout."""
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.start, self.first_step = time.perf_counter(), state.global_step
+            self.last = (self.start, state.num_input_tokens_seen)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs or "loss" not in logs:
+            if not logs or "loss" not in logs or not state.is_world_process_zero:
                 return
+            now = time.perf_counter()
             done = state.global_step - self.first_step
-            per_step = (time.perf_counter() - self.start) / max(done, 1)
+            per_step = (now - self.start) / max(done, 1)
             eta = int(per_step * (state.max_steps - state.global_step))
+            tokens_per_s = (state.num_input_tokens_seen - self.last[1]) / max(now - self.last[0], 1e-9)
+            self.last = (now, state.num_input_tokens_seen)
             print(
                 f"step {state.global_step}/{state.max_steps} ({100 * state.global_step // state.max_steps}%) "
-                f"loss {logs['loss']:.4f}, ETA {eta // 60}:{eta % 60:02d}",
+                f"loss {logs['loss']:.4f}, {tokens_per_s:,.0f} tokens/s, ETA {eta // 60}:{eta % 60:02d}",
                 flush=True,
             )
 

@@ -12,16 +12,23 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-from chat_doctor.config import Config, effective_batch, section_hash
+from chat_doctor.attention import VARLEN
+from chat_doctor.attention import register as register_varlen
+from chat_doctor.config import Config, ConfigError, effective_batch, section_hash, split_for_processes
 from chat_doctor.files import atomic_dir, content_hash, write_json
 from chat_doctor.modeling import device, load_base_model, load_tokenizer, resolve_dtype
 from chat_doctor.tokenized import IGNORE_INDEX, load_split
 from chat_doctor.tracking import log_metrics, set_tags
 from chat_doctor.train_callbacks import callbacks, latest_checkpoint
+
+# How the step is spread over GPUs and machines: the same training whatever they are, so a run can
+# resume on another number of GPUs (the effective batch is kept).
+LAUNCH_KEYS = {"gpus", "strategy", "nnodes", "node_rank", "rdzv_endpoint"}
 
 
 def run_dir_for(cfg: Config, tokenized: dict[str, str]) -> Path:
@@ -30,7 +37,7 @@ def run_dir_for(cfg: Config, tokenized: dict[str, str]) -> Path:
     The micro-batch split is left out on purpose: after out-of-memory, micro_batch_size halves and
     grad_accum doubles, the effective batch stays, and training must resume in the same folder.
     """
-    train = cfg.train.model_dump(exclude={"micro_batch_size", "grad_accum"})
+    train = cfg.train.model_dump(exclude={"micro_batch_size", "grad_accum", *LAUNCH_KEYS})
     train["effective_batch"] = effective_batch(cfg.train)
     key = hashlib.sha256(
         json.dumps([section_hash(cfg.model, cfg.lora), train, content_hash(Path(tokenized["train"]))]).encode()
@@ -50,6 +57,7 @@ def _training_args(cfg: Config, output_dir: Path):
     t = cfg.train
     dtype = resolve_dtype(cfg.model.compute_dtype)
     on_cuda = device() == "cuda"
+    sharded = t.strategy == "fsdp" and world_size() > 1
     return TrainingArguments(
         output_dir=str(output_dir),
         max_steps=t.max_steps,
@@ -61,8 +69,13 @@ def _training_args(cfg: Config, output_dir: Path):
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=_optimizer(t.optim),
-        activation_checkpointing=t.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=t.gradient_checkpointing and not sharded,
+        activation_checkpointing_kwargs={
+            "use_reentrant": False,
+            "every_n_layers": t.checkpoint_every_n_layers,
+            "offload": t.checkpoint_offload,
+        },
+        use_liger_kernel=t.kernels == "liger",
         logging_steps=t.logging_steps,
         save_strategy="steps",
         save_steps=t.save_steps,
@@ -72,7 +85,13 @@ def _training_args(cfg: Config, output_dir: Path):
         bf16=on_cuda and str(dtype) == "torch.bfloat16",
         fp16=on_cuda and str(dtype) == "torch.float16",
         use_cpu=not on_cuda,
-        # Rows of similar length share a micro-batch: far less padding than random batches.
+        # Every adapter weight gets a gradient each step: DDP need not search for unused ones.
+        ddp_find_unused_parameters=False,
+        ddp_backend="gloo" if world_size() > 1 and not on_cuda else None,
+        fsdp="full_shard auto_wrap" if sharded else "",
+        fsdp_config=_fsdp_config(t) if sharded else None,
+        # Rows of similar length share a micro-batch: far less padding than random batches, and
+        # data-parallel processes get micro-batches of similar cost.
         train_sampling_strategy="group_by_length",
         include_num_input_tokens_seen="non_padding",
         report_to="none",
@@ -81,27 +100,50 @@ def _training_args(cfg: Config, output_dir: Path):
     )
 
 
+def _fsdp_config(t) -> dict:
+    # FSDP1, the established FSDP-QLoRA path: the 4-bit weights are stored as bf16 (see
+    # load_base_model) so they shard with the rest; FSDP does the layer checkpointing itself.
+    return {
+        "version": 1,
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "activation_checkpointing": t.gradient_checkpointing,
+        "state_dict_type": "FULL_STATE_DICT",
+        "cpu_ram_efficient_loading": False,
+    }
+
+
 def _collator(cfg: Config, tokenizer):
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
     if cfg.train.packing:
         # One row of concatenated examples; the first label of each example is masked so no
         # example learns to predict across the boundary.
-        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+        return DataCollatorWithFlattening(
+            return_position_ids=True,
+            separator_id=IGNORE_INDEX,
+            return_flash_attn_kwargs=cfg.train.attention == VARLEN,  # the row boundaries, for varlen
+        )
     # Pads ids with the pad token and labels with IGNORE_INDEX, so EOS labels stay trained.
     return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8)
 
 
-def train_in_process(cfg: Config, tokenized: dict[str, str], mlflow_run_id: str | None = None) -> dict[str, str]:
-    """Train the LoRA adapter on the 4-bit base in this process; resume from the last complete checkpoint."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import Trainer
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
-    run_dir = run_dir_for(cfg, tokenized)
-    checkpoints = run_dir / "checkpoints"
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_base_model(cfg.model, quantized=True)
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
+
+def is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _adapted_model(cfg: Config):
+    """The 4-bit base with fresh LoRA adapters, prepared for training as the config says."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.train.attention == VARLEN:
+        register_varlen()
+    model = load_base_model(cfg.model, quantized=True, attention=cfg.train.attention)
+    if cfg.train.upcast_layers:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
     lora = LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
@@ -112,29 +154,65 @@ def train_in_process(cfg: Config, tokenized: dict[str, str], mlflow_run_id: str 
     if "lm_head" in cfg.lora.target_modules:
         extra = cfg.lora.r * (model.config.hidden_size + model.config.vocab_size)
         print(f"warning: lora.target_modules includes lm_head: +{extra:,} adapter parameters, slower steps")
-    model = get_peft_model(model, lora)
+    model = get_peft_model(model, lora, autocast_adapter_dtype=cfg.lora.adapter_dtype == "float32")
+    if cfg.lora.adapter_dtype == "compute":
+        dtype = resolve_dtype(cfg.model.compute_dtype)
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.to(dtype)
     # No KV cache in training: with one, transformers would not derive per-row attention from the
     # position ids of packed batches.
     model.config.use_cache = False
-    trainer = Trainer(
+    return model
+
+
+def build_trainer(cfg: Config, train_path: str, checkpoints: Path, extra_callbacks: list = ()):
+    """The Trainer for `cfg` on the tokenized split at `train_path` (also what bench/ measures)."""
+    from transformers import Trainer
+
+    tokenizer = load_tokenizer(cfg.model)
+    model = _adapted_model(cfg)
+    return Trainer(
         model=model,
         args=_training_args(cfg, checkpoints),
-        train_dataset=load_split(tokenized["train"]),
+        train_dataset=load_split(train_path),
         processing_class=tokenizer,
         data_collator=_collator(cfg, tokenizer),
-        callbacks=callbacks(run_dir, mlflow_run_id),
+        callbacks=list(extra_callbacks),
     )
+
+
+def train_in_process(
+    cfg: Config, tokenized: dict[str, str], mlflow_run_id: str | None = None, run_dir: Path | None = None
+) -> dict[str, str]:
+    """Train the LoRA adapter on the 4-bit base in this process (or in each data-parallel one).
+
+    Resumes from the last complete checkpoint. Under a multi-process launch every process trains
+    its share of each step; the first one logs and writes the adapter.
+    """
+    run_dir = run_dir or run_dir_for(cfg, tokenized)
+    checkpoints = run_dir / "checkpoints"
+    main = is_main_process()
+    trainer = build_trainer(cfg, tokenized["train"], checkpoints, callbacks(run_dir, mlflow_run_id if main else None))
     resume = latest_checkpoint(checkpoints)
     result = trainer.train(resume_from_checkpoint=resume)
+    adapter = run_dir / "adapter"
+    outputs = {"run_dir": str(run_dir), "adapter": str(adapter), "resumed_from": resume or ""}
+    state_dict = None
+    if cfg.train.strategy == "fsdp" and world_size() > 1:
+        state_dict = trainer.accelerator.get_state_dict(trainer.model)  # gathers the shards: all processes
+    if not main:
+        return outputs
     if mlflow_run_id:
         figures = {"train/final_loss": result.training_loss, "train/runtime_s": result.metrics.get("train_runtime", 0)}
         log_metrics(mlflow_run_id, figures, step=trainer.state.global_step)
-    adapter = run_dir / "adapter"
     with atomic_dir(adapter) as staging:
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
+        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(
+            staging, state_dict=state_dict, safe_serialization=True
+        )
+        trainer.processing_class.save_pretrained(staging)
         (staging / "chat_doctor_config.json").write_text(json.dumps(cfg.model_dump(), indent=2, sort_keys=True))
-    return {"run_dir": str(run_dir), "adapter": str(adapter), "resumed_from": resume or ""}
+    return outputs
 
 
 class OutOfMemory(RuntimeError):
@@ -181,44 +259,103 @@ def _halve_micro_batch(cfg: Config, run_dir: Path, error: str) -> str:
     return f"out of memory at micro-batch {micro}: the retry uses {micro // 2} x {accum * 2} (same effective batch)"
 
 
+def _check_device(cfg: Config) -> None:
+    """GPU-only settings are refused on a CPU before anything loads, naming the key to change."""
+    if device() == "cuda":
+        return
+    gpu_only = {"train.kernels": (cfg.train.kernels, "none"), "train.attention": (cfg.train.attention, "sdpa")}
+    for key, (value, cpu_value) in gpu_only.items():
+        if value in ("liger", VARLEN):
+            raise ConfigError(f"{key} = {value} needs a CUDA GPU; on a CPU set {key}: {cpu_value}")
+
+
+def processes(cfg: Config) -> int:
+    """Data-parallel processes on this machine: train.gpus, or every visible GPU for `auto`."""
+    if cfg.train.gpus != "auto":
+        return cfg.train.gpus
+    import torch
+
+    return max(torch.cuda.device_count(), 1)
+
+
+def launch_command(cfg: Config, spec: Path) -> list[str]:
+    """The child process(es) for one attempt: one process, or torchrun with one process per GPU."""
+    per_node = processes(cfg)
+    if per_node * cfg.train.nnodes == 1:
+        return [sys.executable, "-m", "tasks.train", str(spec)]
+    t = cfg.train
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nproc-per-node={per_node}", f"--nnodes={t.nnodes}", f"--node-rank={t.node_rank}",
+        "--rdzv-backend=c10d", f"--rdzv-endpoint={t.rdzv_endpoint}",
+        "-m", "tasks.train", str(spec),
+    ]  # fmt: skip
+
+
+def _outcomes(run_dir: Path) -> list[dict]:
+    """What each process of the last attempt reported (rank 0 first)."""
+    files = sorted(run_dir.glob("outcome*.json"), key=lambda p: p.name != "outcome.json")
+    return [json.loads(p.read_text()) for p in files]
+
+
 def run_train(cfg: Config, tokenized: dict[str, str], mlflow_run_id: str | None = None) -> dict[str, str]:
-    """Train in a child process, so that out-of-memory frees all of its memory; return the outputs.
+    """Train in child process(es), so that out-of-memory frees all of its memory; return the outputs.
 
     Raises OutOfMemory (after recording half the micro-batch for the next attempt, which resumes
     from the last complete checkpoint) or TrainingFailed for anything else, a kill included.
     """
+    _check_device(cfg)
+    world = processes(cfg) * cfg.train.nnodes
+    if cfg.train.strategy == "fsdp" and world == 1:
+        raise ConfigError("train.strategy = fsdp shards the model over several GPUs, but only one is in use")
+    split_for_processes(cfg.train, world)  # refuses a batch that does not split, before anything loads
     run_dir = run_dir_for(cfg, tokenized)
     cfg = _apply_micro_batch(cfg, run_dir)
     spec = run_dir / "attempt.json"
     write_json(spec, {"config": cfg.model_dump(), "tokenized": tokenized, "mlflow_run_id": mlflow_run_id})
-    outcome = run_dir / "outcome.json"
-    outcome.unlink(missing_ok=True)
+    for old in run_dir.glob("outcome*.json"):
+        old.unlink()
     if mlflow_run_id:
         set_tags(
             mlflow_run_id,
-            {"train.micro_batch_size_used": cfg.train.micro_batch_size, "train.grad_accum_used": cfg.train.grad_accum},
+            {
+                "train.micro_batch_size_used": cfg.train.micro_batch_size,
+                "train.grad_accum_used": cfg.train.grad_accum,
+                "train.processes": world,
+            },
         )
-    # The child's stdout (progress lines with ETA) is relayed line by line into this step's log.
-    with subprocess.Popen([sys.executable, "-m", "tasks.train", str(spec)], stdout=subprocess.PIPE, text=True) as child:
+    # The children's stdout (progress lines with ETA) is relayed line by line into this step's log.
+    with subprocess.Popen(launch_command(cfg, spec), stdout=subprocess.PIPE, text=True) as child:
         for line in child.stdout:
             print(line.rstrip(), flush=True)
-    result = json.loads(outcome.read_text()) if outcome.is_file() else None
-    if child.returncode == 0 and result and result.get("adapter"):
-        return result
-    if result and result.get("oom"):
-        raise OutOfMemory(_halve_micro_batch(cfg, run_dir, result["error"]))
-    reason = result["error"] if result else f"the training process ended with exit code {child.returncode}"
+    results = _outcomes(run_dir)
+    if child.returncode == 0 and results and results[0].get("adapter"):
+        return results[0]
+    failed = [r for r in results if "error" in r]
+    if any(r.get("oom") for r in failed):
+        raise OutOfMemory(_halve_micro_batch(cfg, run_dir, next(r["error"] for r in failed if r.get("oom"))))
+    reason = failed[0]["error"] if failed else f"the training process ended with exit code {child.returncode}"
     raise TrainingFailed(f"training failed: {reason}")
 
 
 def main(spec_path: str) -> int:
-    """Child-process entry point: run one training attempt described by `spec_path`."""
+    """Child-process entry point: run one training attempt described by `spec_path`.
+
+    Under torchrun each process takes its share of the effective batch; each writes its outcome
+    (rank 0 to outcome.json, the others to outcome-rank<N>.json) so an OOM anywhere is seen.
+    """
     spec = json.loads(Path(spec_path).read_text())
     cfg = Config.model_validate(spec["config"])
-    outcome = Path(spec_path).parent / "outcome.json"
-    monitor = _system_metrics(spec["mlflow_run_id"])
+    micro, accum = split_for_processes(cfg.train, world_size())
+    share = cfg.train.model_copy(update={"micro_batch_size": micro, "grad_accum": accum})
+    cfg = cfg.model_copy(update={"train": share})
+    rank = os.environ.get("RANK", "0")
+    outcome = Path(spec_path).parent / ("outcome.json" if rank == "0" else f"outcome-rank{rank}.json")
+    monitor = _system_metrics(spec["mlflow_run_id"]) if is_main_process() else None
     try:
-        write_json(outcome, train_in_process(cfg, spec["tokenized"], spec["mlflow_run_id"]))
+        # The run folder is the spec's: this process's share of the batch is not the configured one.
+        run_dir = Path(spec_path).parent
+        write_json(outcome, train_in_process(cfg, spec["tokenized"], spec["mlflow_run_id"], run_dir))
         return 0
     except Exception as err:
         write_json(outcome, {"oom": _is_oom(err), "error": f"{type(err).__name__}: {err}"})
@@ -241,5 +378,28 @@ def _system_metrics(run_id: str | None):
     return monitor
 
 
+def join(argv: list[str]) -> int:
+    """`python -m tasks.train join SPEC --node-rank N`: another machine's share of a multi-node attempt.
+
+    Node 0 (the flow's train step) writes runs/<run>/attempt.json and waits at the rendezvous; each
+    other machine, with the project and runs/ on a shared filesystem, joins with its node rank.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tasks.train join", description=join.__doc__)
+    parser.add_argument("spec", type=Path, help="runs/<run>/attempt.json written by node 0")
+    parser.add_argument("--node-rank", type=int, required=True)
+    args = parser.parse_args(argv)
+    cfg = Config.model_validate(json.loads(args.spec.read_text())["config"])
+    if cfg.train.nnodes == 1:
+        raise SystemExit(f"{args.spec}: not a multi-node attempt (train.nnodes = 1); nothing to join")
+    if not 0 < args.node_rank < cfg.train.nnodes:
+        raise SystemExit(f"--node-rank must be 1 .. {cfg.train.nnodes - 1} (train.nnodes = {cfg.train.nnodes})")
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"node_rank": args.node_rank})})
+    return subprocess.run(launch_command(cfg, args.spec)).returncode
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "join":
+        sys.exit(join(sys.argv[2:]))
     sys.exit(main(sys.argv[1]))

@@ -4,7 +4,15 @@ from pathlib import Path
 
 import pytest
 
-from chat_doctor.config import PRESETS, ConfigError, build_config, cli_overrides, flatten, load_config
+from chat_doctor.config import (
+    PRESETS,
+    ConfigError,
+    build_config,
+    cli_overrides,
+    flatten,
+    load_config,
+    split_for_processes,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -17,20 +25,57 @@ def test_params_yaml_is_the_cpu_tiny_default():
     assert cfg.tokenize.template == "original"
 
 
-def test_mistral_7b_preset_is_the_original_recipe():
+def test_mistral_7b_preset_is_the_fast_recipe():
     cfg = build_config({"preset": "mistral-7b"})
     assert cfg.model.base == "mistralai/Mistral-7B-v0.1"
     assert (cfg.model.quant_type, cfg.model.double_quant, cfg.model.compute_dtype) == ("nf4", True, "auto")
-    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (32, 64, 0.05)
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.adapter_dtype) == (32, 64, 0.0, "compute")
     assert cfg.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    assert cfg.train.learning_rate == 2.5e-4
-    assert (cfg.train.micro_batch_size, cfg.train.max_steps, cfg.tokenize.max_length) == (4, 500, 512)
-    assert cfg.train.optim == "paged_adamw_8bit" and cfg.train.gradient_checkpointing
+    t = cfg.train
+    assert (t.packing, t.attention, t.kernels, t.upcast_layers, t.gradient_checkpointing) == (
+        True,
+        "varlen",
+        "liger",
+        False,
+        False,
+    )
+    assert (t.micro_batch_size, t.grad_accum, t.gpus, t.strategy) == (16, 4, "auto", "ddp")
     assert (cfg.data.rows, cfg.data.eval_fraction, cfg.data.source) == (
         5000,
         0.1,
         "lavita/ChatDoctor-HealthCareMagic-100k",
     )
+
+
+def test_lean_and_original_presets():
+    lean = build_config({"preset": "mistral-7b-lean"})
+    assert lean.train.gradient_checkpointing and lean.train.attention == "varlen"
+    assert (lean.train.micro_batch_size, lean.train.grad_accum) == (8, 8)  # same effective batch as mistral-7b
+    original = build_config({"preset": "mistral-7b-original"})
+    assert (original.lora.dropout, original.lora.adapter_dtype) == (0.05, "float32")
+    assert original.train.upcast_layers and original.train.gradient_checkpointing and not original.train.packing
+    assert (original.train.micro_batch_size, original.train.max_steps, original.train.learning_rate) == (4, 500, 2.5e-4)
+
+
+@pytest.mark.parametrize(
+    ("micro", "accum", "processes", "split"),
+    [
+        (16, 4, 1, (16, 4)),
+        (16, 4, 2, (16, 2)),
+        (16, 4, 4, (16, 1)),
+        (16, 4, 8, (8, 1)),
+        (4, 2, 8, (1, 1)),
+        (6, 1, 4, None),
+    ],
+)
+def test_effective_batch_is_kept_over_processes(micro, accum, processes, split):
+    train = build_config({"train": {"micro_batch_size": micro, "grad_accum": accum}}).train
+    if split is None:
+        with pytest.raises(ConfigError, match="6 rows per step cannot be split over 4 GPUs"):
+            split_for_processes(train, processes)
+        return
+    assert split_for_processes(train, processes) == split
+    assert split[0] * split[1] * processes == micro * accum
 
 
 def test_overrides_parse_as_yaml_and_win():
@@ -50,7 +95,13 @@ def test_overrides_parse_as_yaml_and_win():
         ({"data.eval_fraction": 1.5}, "`data.eval_fraction` = 1.5: Input should be less than 1"),
         ({"tokenize.template": "alpaca"}, "`tokenize.template` = 'alpaca'"),
         ({"train.max_stepz": 3}, "unknown key `train.max_stepz`"),
-        ({"preset": "llama-70b"}, "`preset` = 'llama-70b': choose one of ['cpu-tiny', 'mistral-7b']"),
+        ({"preset": "llama-70b"}, "`preset` = 'llama-70b': choose one of ['cpu-tiny', 'mistral-7b', "),
+        ({"train.attention": "varlen"}, "train.attention = varlen needs train.packing: true"),
+        ({"train.strategy": "fsdp"}, "train.strategy = fsdp needs train.upcast_layers: false"),
+        ({"train.strategy": "fsdp", "train.upcast_layers": False}, "fsdp needs lora.adapter_dtype: compute"),
+        ({"train.gpus": 0}, "`train.gpus` = 0: must be auto or at least 1"),
+        ({"train.nnodes": 2, "train.node_rank": 2}, "`train.node_rank` = 2: must be below train.nnodes = 2"),
+        ({"train.kernels": "apex"}, "`train.kernels` = 'apex'"),
     ],
 )
 def test_bad_values_name_the_key(override, expected):

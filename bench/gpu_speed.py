@@ -1,0 +1,373 @@
+"""Training speed on one GPU: the original recipe, plain packing, unsloth and our presets, side by side.
+
+    python bench/gpu_speed.py --rows <real rows> [--rows ...] --tokenizer <tokenizer folder> \\
+        [--peer-path <site folder holding unsloth>] [--record]
+
+Every recipe trains Mistral-7B's shapes (seeded random weights: no hub) in its own process, one
+after the other on the same card, on the same real rows tokenized once (original template,
+max_length 512, EOS kept). Each reports real (non-padding) tokens/s over the steps after a
+warm-up and its peak GPU memory. Checks: every grad norm is above 0, the loss falls, and each of
+our recipes' losses after N steps match `plain` (the same batches) within noise.
+It prints a table with ratios to `original` and to `unsloth`; --record appends it, with card,
+versions, date and command, to bench/RESULTS.md. `--generate` adds batched generation speed of
+the 4-bit base + adapter against the merged bf16 model.
+
+--rows takes a `save_to_disk` folder, a .json array or a .jsonl file of {instruction, input, output}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# name: (how it runs, what it is). `ours` recipes are a preset plus overrides, trained by the
+# pipeline's own build_trainer; each lever is added to the one before it.
+PLAIN = {
+    "lora.dropout": 0.05,
+    "lora.adapter_dtype": "float32",
+    "train.upcast_layers": True,
+    "train.kernels": "none",
+    "train.gradient_checkpointing": True,
+    "train.optim": "paged_adamw_8bit",
+    "train.attention": "sdpa",
+}
+RECIPES: dict[str, dict] = {
+    "original": {"kind": "original", "what": "the notebook: pad to 512, micro-batch 4, + lm_head adapter, "
+                 "fp32 norms, checkpointing, paged 8-bit AdamW"},
+    "plain": {"kind": "ours", "preset": "mistral-7b", "set": PLAIN,
+              "what": "transformers + peft + bitsandbytes, packed 16 rows (<= 8,192 tokens), checkpointing"},
+    "+bf16": {"kind": "ours", "preset": "mistral-7b",
+              "set": {**PLAIN, "lora.dropout": 0.0, "lora.adapter_dtype": "compute", "train.upcast_layers": False,
+                      "train.attention": "sdpa"},
+              "what": "plain, bf16 norms/lm_head/adapters, no LoRA dropout"},
+    "+liger": {"kind": "ours", "preset": "mistral-7b",
+               "set": {"train.gradient_checkpointing": True, "train.optim": "paged_adamw_8bit",
+                       "train.attention": "sdpa"},
+               "what": "+bf16, liger RMSNorm/SwiGLU/RoPE + fused lm_head loss"},
+    "-ckpt": {"kind": "ours", "preset": "mistral-7b", "set": {"train.attention": "sdpa"},
+              "what": "+liger, no checkpointing, fused AdamW"},
+    "fast": {"kind": "ours", "preset": "mistral-7b", "set": {},
+             "what": "preset mistral-7b: -ckpt, torch's varlen flash attention per packed row (no mask)"},
+    "fast+flex": {"kind": "ours", "preset": "mistral-7b", "set": {"train.attention": "flex_attention"},
+                  "what": "fast with flex attention (skips the blocks between packed rows)"},
+    "lean": {"kind": "ours", "preset": "mistral-7b-lean", "set": {},
+             "what": "preset mistral-7b-lean: fast's kernels, checkpointing, 8 rows a micro-batch"},
+    "lean-16": {"kind": "ours", "preset": "mistral-7b-lean",
+                "set": {"train.micro_batch_size": 16, "train.grad_accum": 4},
+                "what": "lean with 16 rows a micro-batch"},
+    "lean+offload": {"kind": "ours", "preset": "mistral-7b-lean", "set": {"train.checkpoint_offload": True},
+                     "what": "lean, checkpointed layer inputs kept in CPU memory"},
+    "unsloth": {"kind": "unsloth", "seq": 2048, "batch": 4,
+                "what": "unsloth peer, packed 2048 x 4, its offloaded checkpointing"},
+}  # fmt: skip
+REFERENCE = "plain"  # our recipes' losses are checked against this one (same batches)
+
+
+def read_rows(sources: list[str]) -> list[dict]:
+    rows: list[dict] = []
+    for source in sources:
+        path = Path(source)
+        if path.is_dir():
+            import datasets
+
+            rows += list(datasets.load_from_disk(str(path), keep_in_memory=True))
+        elif path.suffix == ".jsonl":
+            rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        else:
+            rows += json.loads(path.read_text())
+    return [r for r in rows if r.get("input") and r.get("output")]
+
+
+def prepare(args) -> dict:
+    """The random 7B model folder and the tokenized rows (ours, and the notebook's padded form)."""
+    import pyarrow as pa
+
+    from bench.gpu_smoke import build_random_7b
+    from chat_doctor.config import ModelConfig, TokenizeConfig
+    from chat_doctor.files import atomic_path
+    from chat_doctor.modeling import load_tokenizer
+    from chat_doctor.tokenized import IGNORE_INDEX, tokenize_row, write_split
+
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    if args.base == "mistral-7b-random":
+        model_dir = build_random_7b(work / "mistral-7b-random", args.tokenizer)
+    else:  # e.g. the embedded tiny model, to try the harness on a CPU
+        from chat_doctor.modeling import base_location
+
+        model_dir = Path(base_location(ModelConfig(base=args.base)))
+    tokenizer = load_tokenizer(ModelConfig(base=str(model_dir)))
+    tok_cfg = TokenizeConfig(template="original", max_length=512, loss_on="completion")
+    ids_col, labels_col = [], []
+    for row in read_rows(args.rows):
+        ids, labels, status = tokenize_row(tokenizer, tok_cfg, row)
+        if status != "dropped":
+            ids_col.append(ids)
+            labels_col.append(labels)
+    write_split(work / "train.arrow", {"input_ids": ids_col, "labels": labels_col})
+    # The notebook: every row padded to 512 with pad = eos, loss on all tokens, and every eos
+    # (the real one too) masked as padding.
+    eos, n = tokenizer.eos_token_id, 512
+    padded = {"input_ids": [], "attention_mask": [], "labels": []}
+    for ids in ids_col:
+        padded["input_ids"].append(ids + [eos] * (n - len(ids)))
+        padded["attention_mask"].append([1] * len(ids) + [0] * (n - len(ids)))
+        padded["labels"].append([IGNORE_INDEX if t == eos else t for t in padded["input_ids"][-1]])
+    table = pa.table({k: pa.array(v, type=pa.list_(pa.int32())) for k, v in padded.items()})
+    with (
+        atomic_path(work / "original.arrow") as tmp,
+        pa.OSFile(str(tmp), "wb") as sink,
+        pa.ipc.new_stream(sink, table.schema) as writer,
+    ):
+        writer.write_table(table)
+    tokens = sum(len(i) for i in ids_col)
+    return {
+        "model": str(model_dir),
+        "rows": len(ids_col),
+        "tokens": tokens,
+        "padding_share": 1 - tokens / (n * len(ids_col)),
+    }
+
+
+def _recipe_config(name: str, model: str, steps: int, warmup: int):
+    from chat_doctor.config import build_config, deep_merge, parse_overrides
+
+    recipe = RECIPES[name]
+    if recipe["kind"] == "original":
+        raw = {"preset": "mistral-7b-original", "lora": {"target_modules": [
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]}}  # fmt: skip
+    else:
+        raw = deep_merge({"preset": recipe["preset"]}, parse_overrides(recipe["set"]))
+    raw = deep_merge(raw, {
+        "runs_dir": "runs/bench", "model": {"base": model},
+        "train": {"max_steps": warmup + steps, "logging_steps": 1, "save_steps": 10**6, "gpus": 1},
+    })  # fmt: skip
+    return build_config(raw, source=f"recipe {name}")
+
+
+def run_one(args) -> None:
+    """Child process: train one recipe of ours (or the original) and emit its figures."""
+    from bench.speed_probe import StepTimer, emit
+    from tasks.train import build_trainer
+
+    name = args.run
+    original = RECIPES[name]["kind"] == "original"
+    steps = args.steps * (4 if original else 1)  # its steps hold a 16th of the rows of ours
+    cfg = _recipe_config(name, args.model, steps, args.warmup)
+    timer = StepTimer(args.warmup)
+    data = str(args.work / ("original.arrow" if original else "train.arrow"))
+    trainer = build_trainer(cfg, data, args.work / "checkpoints" / name, [timer])
+    trainer.train()
+    if args.save_adapter:
+        trainer.model.save_pretrained(args.save_adapter, safe_serialization=True)
+    emit({**timer.figures(), "micro_batch": cfg.train.micro_batch_size, "grad_accum": cfg.train.grad_accum})
+
+
+def generation_speed(args) -> None:
+    """Child process: batched greedy generation, 4-bit base + adapter vs the merged bf16 model."""
+    import torch
+
+    from bench.speed_probe import emit
+    from chat_doctor.config import ModelConfig
+    from chat_doctor.modeling import load_adapter, load_base_model, load_tokenizer
+    from chat_doctor.prompts import build_prompt
+
+    cfg = ModelConfig(base=args.model)
+    tokenizer = load_tokenizer(cfg)
+    tokenizer.padding_side = "left"
+    prompts = [build_prompt("original", r["input"]) for r in read_rows(args.rows)[: args.gen_batch]]
+    figures = {}
+    for form in ("4-bit + adapter", "merged bf16"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        model = load_adapter(load_base_model(cfg, quantized=form.startswith("4-bit")), args.adapter)
+        if form == "merged bf16":
+            model = model.merge_and_unload()
+        model.eval()
+        batch = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
+        new = args.gen_tokens
+        with torch.inference_mode():
+            model.generate(**batch, max_new_tokens=8, min_new_tokens=8, do_sample=False)  # warm-up
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = model.generate(**batch, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+            torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+        generated = (out.shape[1] - batch["input_ids"].shape[1]) * out.shape[0]
+        figures[form] = {
+            "new_tokens_per_s": round(generated / seconds, 1),
+            "batch": len(prompts),
+            "new_tokens": new,
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        }
+        del model
+    emit(figures)
+
+
+def _child(cmd: list[str], env: dict, timeout: int, log: Path) -> dict:
+    """Run a child, keep its log, return its RESULT line (or the error at its end)."""
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        output, code = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as err:
+        output, code = f"{err.stdout or ''}{err.stderr or ''}\ntimed out after {timeout} s", -1
+    log.write_text(output if isinstance(output, str) else output.decode(errors="replace"))
+    results = [line for line in output.splitlines() if line.startswith("RESULT ")]
+    if code == 0 and results:
+        return {**json.loads(results[-1][len("RESULT ") :]), "wall_s": round(time.perf_counter() - start, 1)}
+    return {"error": "\n".join(output.strip().splitlines()[-6:])}
+
+
+def checks(results: dict) -> dict[str, str]:
+    """Training really happens and our recipes match the plain reference."""
+    verdicts = {}
+    ref = results.get(REFERENCE, {}).get("losses")
+    for name, r in results.items():
+        if "losses" not in r:
+            continue
+        problems = []
+        if not all(g > 0 for g in r["grad_norms"]):
+            problems.append("a grad norm is 0")
+        if not r["losses"][-1] < r["losses"][0]:
+            problems.append(f"loss did not fall ({r['losses'][0]} -> {r['losses'][-1]})")
+        if RECIPES[name]["kind"] == "ours" and ref and len(ref) == len(r["losses"]):
+            gap = max(abs(a - b) / b for a, b in zip(r["losses"], ref, strict=True))
+            r["max_rel_loss_gap_to_plain"] = round(gap, 4)
+            if gap > 0.03:  # bf16 vs fp32 paths and dropout differ; a broken recipe is off by far more
+                problems.append(f"loss differs from plain by {gap:.1%}")
+        verdicts[name] = "; ".join(problems) or "ok"
+    return verdicts
+
+
+def table(results: dict, verdicts: dict) -> str:
+    base = results.get("original", {}).get("tokens_per_s")
+    peer = results.get("unsloth", {}).get("tokens_per_s")
+    lines = [
+        "| recipe | what | real tokens/s | peak GiB | x original | x unsloth | check |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, r in results.items():
+        if "tokens_per_s" not in r:
+            lines.append(f"| {name} | {RECIPES[name]['what']} | failed | | | | {r.get('error', '')[-200:]!r} |")
+            continue
+        tps = r["tokens_per_s"]
+        to_base, to_peer = (f"{tps / ref:.2f}" if ref else "-" for ref in (base, peer))
+        lines.append(
+            f"| {name} | {RECIPES[name]['what']} | {tps:,.0f} | {r['peak_gib']:.1f} | {to_base} | "
+            f"{to_peer} | {verdicts.get(name, '-')} |"
+        )
+    return "\n".join(lines)
+
+
+def versions(env_path: str | None = None) -> str:
+    code = (
+        "import importlib.metadata as m, torch;"
+        "print(torch.cuda.get_device_name(0), '|', ', '.join(f'{p} {m.version(p)}' for p in "
+        "['torch', 'transformers', 'peft', 'bitsandbytes', 'liger-kernel', 'unsloth', 'trl'] "
+        "if __import__('importlib.util').util.find_spec(p.replace('-', '_'))))"
+    )
+    env = {**os.environ, **({"PYTHONPATH": env_path} if env_path else {})}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", action="append", required=True)
+    parser.add_argument("--base", default="mistral-7b-random", help="mistral-7b-random, or tiny to try it on a CPU")
+    parser.add_argument("--tokenizer", type=Path, default=None, help="saved tokenizer folder for the random model")
+    parser.add_argument("--peer-path", default=None, help="PYTHONPATH holding unsloth and its needs (the peer)")
+    parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps (original: 4x)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--generate", action="store_true", help="also time generation, 4-bit + adapter vs merged")
+    parser.add_argument("--gen-batch", type=int, default=16)
+    parser.add_argument("--gen-tokens", type=int, default=125)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/chat-doctor-speed"))
+    parser.add_argument("--logs", type=Path, default=None, help="folder for each child's full log")
+    parser.add_argument("--timeout", type=int, default=240, help="seconds per recipe")
+    parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
+    # Child modes.
+    parser.add_argument("--run", help=argparse.SUPPRESS)
+    parser.add_argument("--generation", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--adapter", help=argparse.SUPPRESS)
+    parser.add_argument("--save-adapter", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.run:
+        return run_one(args)
+    if args.generation:
+        return generation_speed(args)
+
+    started = time.strftime("%Y-%m-%d")
+    data = prepare(args)
+    print(f"prepared: {data}", flush=True)
+    logs = args.logs or args.work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict] = {}
+    common = ["--work", str(args.work), "--model", data["model"], "--steps", str(args.steps),
+              "--warmup", str(args.warmup)] + [a for r in args.rows for a in ("--rows", r)]  # fmt: skip
+    adapter = args.work / "adapter-fast"
+    for name in args.recipes.split(","):
+        recipe = RECIPES[name]
+        env = dict(os.environ)
+        if recipe["kind"] == "unsloth":
+            if not args.peer_path:
+                results[name] = {"error": "no --peer-path given"}
+                continue
+            env["PYTHONPATH"] = f"{args.peer_path}:{ROOT}"
+            cmd = [sys.executable, str(ROOT / "bench" / "peer_unsloth.py"), "--model", data["model"],
+                   "--data", str(args.work / "train.arrow"), "--seq", str(recipe["seq"]),
+                   "--batch", str(recipe["batch"]), "--steps", str(2 * args.steps),  # a step is 8k tokens, ours ~19k
+                   "--warmup", str(args.warmup)]  # fmt: skip
+        else:
+            extra = ["--save-adapter", str(adapter)] if name == "fast" else []
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--run", name, *common, *extra]
+        results[name] = _child(cmd, env, args.timeout, logs / f"{name}.log")
+        print(f"{name}: {json.dumps(results[name])}", flush=True)
+        (args.work / "results.json").write_text(json.dumps({"data": data, "results": results}))
+    verdicts = checks(results)
+    report = table(results, verdicts)
+    if args.generate and adapter.is_dir():
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--generation", *common, "--adapter", str(adapter),
+               "--gen-batch", str(args.gen_batch), "--gen-tokens", str(args.gen_tokens)]  # fmt: skip
+        gen = _child(cmd, dict(os.environ), args.timeout, logs / "generate.log")
+        print(f"generate: {json.dumps(gen)}", flush=True)
+        if "error" not in gen:
+            report += (
+                "\n\n| generation (greedy, batch of real prompts) | new tokens/s | peak GiB |\n| --- | --- | --- |\n"
+            )
+            forms = {k: v for k, v in gen.items() if isinstance(v, dict)}
+            report += "\n".join(
+                f"| {k} | {v['new_tokens_per_s']:,.0f} | {v['peak_gib']:.1f} |" for k, v in forms.items()
+            )
+    print(report)
+    (args.work / "results.json").write_text(json.dumps({"data": data, "results": results, "checks": verdicts}))
+    if args.record:
+        command = "python bench/gpu_speed.py " + " ".join(
+            a if not a.startswith("/") else "<" + Path(a).name + ">" for a in sys.argv[1:]
+        )
+        entry = (
+            f"\n## Training speed on one GPU: original recipe, plain, unsloth, our presets ({started})\n\n"
+            f"- Card and versions: {versions()}; "
+            f"peer: {versions(f'{args.peer_path}:{ROOT}') if args.peer_path else '-'}\n"
+            f"- Command: `{command}`\n"
+            f"- Data: {data['rows']:,} real rows, {data['tokens']:,} tokens (padding to 512 would add "
+            f"{data['padding_share']:.0%}); {args.warmup} warm-up steps, then {args.steps} timed steps "
+            f"(original: {4 * args.steps}).\n\n{report}\n"
+        )
+        (args.work / "entry.md").write_text(entry)
+        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
+            f.write(entry)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""The unsloth peer for bench/gpu_speed.py: same model folder, same tokenized rows, same step timer.
+
+Runs in its own environment (unsloth pins transformers <= 5.17 and trl <= 1.15), never imported by
+the project; bench/gpu_speed.py starts it with PYTHONPATH pointing at that environment:
+
+    PYTHONPATH=<unsloth site>:. python bench/peer_unsloth.py --model <folder> --data <train.arrow>
+
+Its recipe is unsloth's own: NF4 base, LoRA r=32/alpha=64 on the seven projections, dropout 0,
+its offloaded gradient checkpointing, trl's SFTTrainer packing rows into --seq-token bins,
+--batch bins per step, loss on the answers only, 8-bit AdamW.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+
+import unsloth  # noqa: F401  (must come before transformers, trl and peft: it patches them)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--out", default="/tmp/unsloth-peer")
+    args = parser.parse_args()
+
+    import datasets
+    import torch
+    from trl import SFTConfig, SFTTrainer
+    from unsloth import FastLanguageModel
+
+    from bench.speed_probe import StepTimer, emit
+
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=args.model, max_seq_length=args.seq, load_in_4bit=True, dtype=torch.bfloat16, local_files_only=True
+    )
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=32,
+        lora_alpha=64,
+        lora_dropout=0,
+        bias="none",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        use_gradient_checkpointing="unsloth",
+        random_state=0,
+    )
+    rows = datasets.Dataset.from_file(args.data)
+    rows = rows.map(lambda r: {"completion_mask": [int(x != -100) for x in r["labels"]]}, remove_columns=["labels"])
+    timer = StepTimer(args.warmup)
+    trainer = SFTTrainer(
+        model=model,
+        processing_class=tokenizer,
+        train_dataset=rows,
+        callbacks=[timer],
+        args=SFTConfig(
+            output_dir=args.out,
+            max_length=args.seq,
+            packing=True,
+            completion_only_loss=True,
+            per_device_train_batch_size=args.batch,
+            gradient_accumulation_steps=1,
+            max_steps=args.warmup + args.steps,
+            learning_rate=2e-4,
+            warmup_steps=0,
+            optim="adamw_8bit",
+            bf16=True,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            seed=0,
+            include_num_input_tokens_seen="non_padding",
+        ),
+    )
+    trainer.train()
+    emit({**timer.figures(), "micro_batch": f"{args.batch} bins of <= {args.seq} tokens", "grad_accum": 1})
+
+
+if __name__ == "__main__":
+    main()

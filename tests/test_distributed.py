@@ -1,0 +1,84 @@
+"""Data-parallel training: the train step as several processes (gloo on the CPU, NCCL on GPUs)."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chat_doctor.config import ConfigError, build_config, load_config
+from chat_doctor.modeling import load_adapter, load_base_model
+from tasks.sample import run_sample
+from tasks.tokenize import run_tokenize
+from tasks.train import launch_command, run_train
+
+
+@pytest.mark.slow
+def test_two_processes_train_one_adapter_at_the_same_effective_batch(project, capsys):
+    cfg = load_config(
+        "params.yaml",
+        {
+            "data.rows": 40,
+            "lora.r": 4,
+            "train.max_steps": 2,
+            "train.save_steps": 2,
+            "train.logging_steps": 1,
+            "train.packing": True,
+            "train.micro_batch_size": 4,
+            "train.grad_accum": 2,
+            "train.gpus": 2,
+        },
+    )
+    tokenized = run_tokenize(cfg.tokenize, cfg.model, run_sample(cfg.data))
+    out = run_train(cfg, tokenized)
+    run_dir = Path(out["run_dir"])
+    # Both processes ran and reported; the first one wrote the adapter and the checkpoint.
+    assert json.loads((run_dir / "outcome.json").read_text())["adapter"] == out["adapter"]
+    assert json.loads((run_dir / "outcome-rank1.json").read_text())["adapter"] == out["adapter"]
+    state = json.loads((run_dir / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["train_batch_size"] == 4  # 4 rows x 1 micro-batch x 2 processes = the configured 4 x 2
+    assert (run_dir / "checkpoints" / "checkpoint-2" / ".complete").is_file()
+    assert "tokens/s" in capsys.readouterr().out
+    model = load_adapter(load_base_model(cfg.model, quantized=True), out["adapter"])
+    assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) > 0
+
+
+def test_gpu_only_settings_are_refused_on_a_cpu(project):
+    cfg = build_config({"preset": "mistral-7b", "model": {"base": "tiny"}})
+    with pytest.raises(
+        ConfigError, match=re.escape("train.kernels = liger needs a CUDA GPU; on a CPU set train.kernels: none")
+    ):
+        run_train(cfg, {"train": "data/tokenized/train.arrow"})
+    cfg = build_config({"preset": "mistral-7b", "model": {"base": "tiny"}, "train": {"kernels": "none"}})
+    with pytest.raises(ConfigError, match=re.escape("train.attention = varlen needs a CUDA GPU")):
+        run_train(cfg, {"train": "data/tokenized/train.arrow"})
+    assert not Path("runs").exists()  # refused before any run folder was made
+
+
+def test_a_batch_that_does_not_split_over_the_gpus_is_refused(project):
+    cfg = load_config("params.yaml", {"train.micro_batch_size": 3, "train.grad_accum": 1, "train.gpus": 2})
+    with pytest.raises(ConfigError, match="3 rows per step cannot be split over 2 GPUs"):
+        run_train(cfg, {"train": "data/tokenized/train.arrow"})
+
+
+def test_multi_node_launch_meets_at_the_rendezvous(tmp_path):
+    cfg = build_config({"train": {"gpus": 2, "nnodes": 2, "node_rank": 0, "rdzv_endpoint": "10.0.0.1:29500"}})
+    cmd = launch_command(cfg, tmp_path / "attempt.json")
+    assert cmd[1:3] == ["-m", "torch.distributed.run"]
+    assert {"--nproc-per-node=2", "--nnodes=2", "--node-rank=0", "--rdzv-endpoint=10.0.0.1:29500"} <= set(cmd)
+    assert cmd[-3:] == ["-m", "tasks.train", str(tmp_path / "attempt.json")]
+    assert launch_command(build_config({"train": {"gpus": 1}}), tmp_path / "a.json")[1:3] == ["-m", "tasks.train"]
+
+
+def test_join_refuses_a_single_node_attempt_and_a_bad_rank(tmp_path):
+    spec = tmp_path / "attempt.json"
+    spec.write_text(json.dumps({"config": build_config({}).model_dump()}))
+    join = [sys.executable, "-m", "tasks.train", "join", str(spec), "--node-rank", "1"]
+    done = subprocess.run(join, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode != 0 and "not a multi-node attempt (train.nnodes = 1)" in done.stderr
+    spec.write_text(json.dumps({"config": build_config({"train": {"nnodes": 2}}).model_dump()}))
+    join[-1] = "2"
+    done = subprocess.run(join, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode != 0 and "--node-rank must be 1 .. 1 (train.nnodes = 2)" in done.stderr
