@@ -26,7 +26,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,18 +34,16 @@ import time
 from datetime import date
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.processes import free_port, mlflow_server_command, stop_when_idle, task_states
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 MODEL = "chat-doctor-adapter"
 STEPS = 6
 RUN = {"train.max_steps": STEPS, "train.save_steps": 2, "train.logging_steps": 1}
 QUICK = {"evaluate.rows": 2, "evaluate.max_new_tokens": 8}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for(check, what: str, timeout: float = 180) -> None:
@@ -105,17 +102,7 @@ class Soak:
         )
 
     def start_mlflow(self) -> None:
-        store = f"sqlite:///{self.root / 'mlflow.db'}"
-        command = ["mlflow", "server", "--backend-store-uri", store, "--artifacts-destination"]
-        command += [
-            str(self.root / "mlartifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.mlflow_port),
-            "--workers",
-            "1",
-        ]
+        command = mlflow_server_command(self.root, self.mlflow_port)
         self.mlflow = self._spawn(command)
         wait_for(lambda: answers(f"http://127.0.0.1:{self.mlflow_port}/health"), "the MLflow server answering")
 
@@ -175,18 +162,7 @@ class Soak:
         return self.state(flow_run_id)
 
     def task_states(self, flow_run_id: str) -> dict[str, str]:
-        """{task name: state name} for the latest attempt of a flow run."""
-        from prefect.client.orchestration import get_client
-        from prefect.client.schemas.filters import FlowRunFilter
-
-        with get_client(sync_client=True) as client:
-            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [flow_run_id]}))
-        attempt = max((run.flow_run_run_count for run in runs), default=0)
-        return {
-            r.name.rsplit("-", 1)[0]: r.state.name if r.state else "Pending"
-            for r in runs
-            if r.flow_run_run_count == attempt
-        }
+        return task_states(flow_run_id)
 
     # --- checks ------------------------------------------------------------------------------------
 
@@ -305,18 +281,6 @@ def kill_run(soak: Soak, i: int) -> dict:
     problems = soak.check_run(flow_run_id)
     injected = injected and first == "Failed"
     return {"fault": fault, "flow_run": flow_run_id, "injected": injected, "problems": problems}
-
-
-def stop_when_idle(server: subprocess.Popen) -> None:
-    """Stop a served deployment once its flow processes have exited: a runner stopped while a
-    finished run's process is still exiting marks that run Cancelled."""
-    import psutil
-
-    deadline = time.time() + 60
-    while psutil.Process(server.pid).children() and time.time() < deadline:
-        time.sleep(0.5)
-    os.killpg(server.pid, signal.SIGTERM)
-    server.wait(timeout=60)
 
 
 def register_crash_run(soak: Soak, i: int) -> dict:

@@ -193,7 +193,11 @@ def train_in_process(
     run_dir = run_dir or run_dir_for(cfg, tokenized)
     checkpoints = run_dir / "checkpoints"
     main = is_main_process()
-    trainer = build_trainer(cfg, tokenized["train"], checkpoints, callbacks(run_dir, mlflow_run_id if main else None))
+    micro, accum = split_for_processes(cfg.train, world_size())  # this process's share of each step
+    share = cfg.model_copy(
+        update={"train": cfg.train.model_copy(update={"micro_batch_size": micro, "grad_accum": accum})}
+    )
+    trainer = build_trainer(share, tokenized["train"], checkpoints, callbacks(run_dir, mlflow_run_id if main else None))
     resume = latest_checkpoint(checkpoints)
     result = trainer.train(resume_from_checkpoint=resume)
     adapter = run_dir / "adapter"
@@ -341,20 +345,16 @@ def run_train(cfg: Config, tokenized: dict[str, str], mlflow_run_id: str | None 
 def main(spec_path: str) -> int:
     """Child-process entry point: run one training attempt described by `spec_path`.
 
-    Under torchrun each process takes its share of the effective batch; each writes its outcome
+    Under torchrun each process trains its share of each step; each writes its outcome
     (rank 0 to outcome.json, the others to outcome-rank<N>.json) so an OOM anywhere is seen.
     """
     spec = json.loads(Path(spec_path).read_text())
     cfg = Config.model_validate(spec["config"])
-    micro, accum = split_for_processes(cfg.train, world_size())
-    share = cfg.train.model_copy(update={"micro_batch_size": micro, "grad_accum": accum})
-    cfg = cfg.model_copy(update={"train": share})
     rank = os.environ.get("RANK", "0")
     outcome = Path(spec_path).parent / ("outcome.json" if rank == "0" else f"outcome-rank{rank}.json")
     monitor = _system_metrics(spec["mlflow_run_id"]) if is_main_process() else None
     try:
-        # The run folder is the spec's: this process's share of the batch is not the configured one.
-        run_dir = Path(spec_path).parent
+        run_dir = Path(spec_path).parent  # the folder the step made for this attempt
         write_json(outcome, train_in_process(cfg, spec["tokenized"], spec["mlflow_run_id"], run_dir))
         return 0
     except Exception as err:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.processes import free_port
 from tests.conftest import QUICK_EVAL, copy_project
 
 pytestmark = pytest.mark.slow
@@ -64,16 +65,10 @@ def project_env(root: Path) -> dict[str, str]:
     return {**env, "PYTHONPATH": str(root)}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def served_chat(root: Path, *args: str, **env: str):
     """`python -m app.chat` in the project; yields its URL once it answers."""
-    port = _free_port()
+    port = free_port()
     log = open(root / f"chat-{port}.log", "w")  # noqa: SIM115 (closed below)
     server = subprocess.Popen(
         [sys.executable, "-m", "app.chat", "--port", str(port), *args],

@@ -13,9 +13,9 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from bench.processes import stop_when_idle, task_states
 from chat_doctor.tracking import tracking_uri
 from tests.conftest import QUICK_EVAL, REAL_ROWS, needs_real_rows
-from tests.test_flow import task_states
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -39,18 +39,6 @@ def served_deployment(api_url: str, **extra_env: str):
         yield env
     finally:
         stop_when_idle(server)
-
-
-def stop_when_idle(server: subprocess.Popen) -> None:
-    """Stop a served deployment once its flow processes have exited: a runner stopped while a
-    finished run's process is still exiting marks that run Cancelled."""
-    import psutil
-
-    deadline = time.time() + 60
-    while psutil.Process(server.pid).children() and time.time() < deadline:
-        time.sleep(0.5)
-    server.terminate()
-    server.wait(timeout=60)
 
 
 def run_deployment(env: dict, overrides: dict) -> subprocess.CompletedProcess:

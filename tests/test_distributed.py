@@ -40,6 +40,8 @@ def test_two_processes_train_one_adapter_at_the_same_effective_batch(project, ca
     state = json.loads((run_dir / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["train_batch_size"] == 4  # 4 rows x 1 micro-batch x 2 processes = the configured 4 x 2
     assert (run_dir / "checkpoints" / "checkpoint-2" / ".complete").is_file()
+    saved = json.loads((Path(out["adapter"]) / "chat_doctor_config.json").read_text())
+    assert (saved["train"]["micro_batch_size"], saved["train"]["grad_accum"]) == (4, 2)  # as configured
     assert "tokens/s" in capsys.readouterr().out
     model = load_adapter(load_base_model(cfg.model, quantized=True), out["adapter"])
     assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) > 0

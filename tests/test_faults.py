@@ -5,7 +5,6 @@ evaluation taken from Prefect's cache instead of run again."""
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from bench.processes import free_port, mlflow_server_command, task_states
 from chat_doctor.tracking import tracking_uri
 from tests.conftest import QUICK_EVAL
 from tests.test_deployment import (
@@ -24,7 +24,6 @@ from tests.test_deployment import (
     run_deployment,
     served_deployment,
 )
-from tests.test_flow import task_states
 
 pytestmark = pytest.mark.slow
 MODEL = "chat-doctor-adapter"
@@ -72,21 +71,13 @@ def test_crash_mid_registration_is_cleaned_up_by_the_retry(project, prefect_serv
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class MlflowServer:
     """`mlflow server` on the project's sqlite store, serving its artifacts: start, kill, start again."""
 
     def __init__(self, root: Path):
-        self.url = f"http://127.0.0.1:{_free_port()}"
-        port = self.url.rsplit(":", 1)[1]
-        self.command = [BIN / "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"]
-        self.command += ["--artifacts-destination", str(root / "mlartifacts"), "--host", "127.0.0.1"]
-        self.command += ["--port", port, "--workers", "1"]
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.command = mlflow_server_command(root, port, BIN / "mlflow")
         self.proc = None
 
     def start(self) -> None:

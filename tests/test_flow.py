@@ -9,9 +9,8 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter
 
+from bench.processes import task_states
 from chat_doctor.config import flatten, load_config
 from chat_doctor.tracking import tracking_uri
 from tests.conftest import REAL_ROWS, needs_real_rows
@@ -24,18 +23,6 @@ FAST = {
     "evaluate.rows": 4,
     "evaluate.max_new_tokens": 16,
 }
-
-
-def task_states(flow_run_id) -> dict[str, str]:
-    """{task name: state name} for the latest attempt of a flow run (a retry is a new attempt)."""
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [flow_run_id]}))
-    attempt = max((run.flow_run_run_count for run in runs), default=0)
-    return {
-        run.name.rsplit("-", 1)[0]: run.state.name if run.state else "Pending"
-        for run in runs
-        if run.flow_run_run_count == attempt
-    }
 
 
 def dvc_status() -> dict:

@@ -7,9 +7,9 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from bench.processes import task_states
 from chat_doctor.tracking import tracking_uri
 from tests.conftest import QUICK_EVAL
-from tests.test_flow import task_states
 
 pytestmark = pytest.mark.slow
 STEPS = {"train.max_steps": 6, "train.save_steps": 2, "train.logging_steps": 1, **QUICK_EVAL}
