@@ -197,7 +197,7 @@ class TrainConfig(_Section):
     nnodes: int = Field(1, gt=0, description="Machines taking part; each runs the step with its node_rank.")
     node_rank: int = Field(0, ge=0, description="This machine's rank, 0 .. nnodes-1.")
     rdzv_endpoint: str = Field(
-        "127.0.0.1:29500", description="host:port of node 0, where the processes of all machines meet."
+        "127.0.0.1:29500", description="host:port of node 0, where the processes of all machines meet (nnodes > 1)."
     )
     logging_steps: int = Field(5, gt=0)
     save_steps: int = Field(20, gt=0, description="Checkpoint every K steps (resume point after a crash).")

@@ -288,12 +288,13 @@ def launch_command(cfg: Config, spec: Path) -> list[str]:
     if per_node * cfg.train.nnodes == 1:
         return [sys.executable, "-m", "tasks.train", str(spec)]
     t = cfg.train
-    return [
-        sys.executable, "-m", "torch.distributed.run",
-        f"--nproc-per-node={per_node}", f"--nnodes={t.nnodes}", f"--node-rank={t.node_rank}",
+    # One machine: a private rendezvous on a free port (two trainings can share a host).
+    meet = ["--standalone"] if t.nnodes == 1 else [
+        f"--nnodes={t.nnodes}", f"--node-rank={t.node_rank}",
         "--rdzv-backend=c10d", f"--rdzv-endpoint={t.rdzv_endpoint}",
-        "-m", "tasks.train", str(spec),
     ]  # fmt: skip
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={per_node}", *meet,
+            "-m", "tasks.train", str(spec)]  # fmt: skip
 
 
 def _outcomes(run_dir: Path) -> list[dict]:

@@ -72,6 +72,7 @@ def test_multi_node_launch_meets_at_the_rendezvous(tmp_path):
     assert {"--nproc-per-node=2", "--nnodes=2", "--node-rank=0", "--rdzv-endpoint=10.0.0.1:29500"} <= set(cmd)
     assert cmd[-3:] == ["-m", "tasks.train", str(tmp_path / "attempt.json")]
     assert launch_command(build_config({"train": {"gpus": 1}}), tmp_path / "a.json")[1:3] == ["-m", "tasks.train"]
+    assert "--standalone" in launch_command(build_config({"train": {"gpus": 2}}), tmp_path / "a.json")
 
 
 def test_join_refuses_a_single_node_attempt_and_a_bad_rank(tmp_path):
