@@ -8,9 +8,16 @@ work between rows, no flash-attn package needed). CUDA only.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 VARLEN = "varlen"
+
+
+@functools.cache
+def _has_gqa(varlen_attn) -> bool:
+    """torch >= 2.12 takes grouped key/value heads as they are; older builds need them repeated."""
+    return "enable_gqa" in inspect.signature(varlen_attn).parameters
 
 
 def _varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -23,7 +30,7 @@ def _varlen_attention(module, query, key, value, attention_mask, scaling=None, d
         raise ValueError("train.attention = varlen needs train.packing: true (one packed row per micro-batch)")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, dim)
     extra = {}
-    if "enable_gqa" in inspect.signature(varlen_attn).parameters:
+    if _has_gqa(varlen_attn):
         extra["enable_gqa"] = True
     elif k.shape[1] != q.shape[1]:
         groups = q.shape[1] // k.shape[1]
