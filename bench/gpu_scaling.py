@@ -9,7 +9,8 @@ progress lines (all processes' tokens over rank 0's clock), averaged after the w
 The two-node case starts node 0 through `run_train` on GPUs 0-1 and node 1 with
 `python -m tasks.train join` on GPUs 2-3, meeting at a c10d rendezvous on 127.0.0.1.
 The FSDP case (train.strategy = fsdp, 2 GPUs, layer checkpointing) is a smoke test: it must
-train and write an adapter.
+train and write an adapter. `--set KEY=VALUE` changes every case (e.g. train.micro_batch_size=32
+with train.grad_accum=2: more tokens per process and step at the same effective batch).
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ def main() -> None:
     parser.add_argument("--gpus", default="1,2,4")
     parser.add_argument("--cases", default="ddp,two-nodes,fsdp")
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override for every case, e.g. train.micro_batch_size=32")  # fmt: skip
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path("/tmp/chat-doctor-speed"))
     parser.add_argument("--timeout", type=int, default=300)
@@ -104,7 +107,12 @@ def main() -> None:
         """GPU numbers of this run among those the bench itself was given (CUDA_VISIBLE_DEVICES)."""
         return ",".join(visible[int(i)] if visible != [""] else i for i in gpus.split(","))
 
+    from chat_doctor.config import deep_merge, parse_overrides
+
+    common = parse_overrides(args.set)
+
     def start(name: str, gpus: str, extra: dict) -> subprocess.Popen:
+        extra = deep_merge(common, extra)
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": physical(gpus)}
         log = open(logs / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
         return subprocess.Popen([*me, "--case", name, "--extra", json.dumps(extra)], env=env, stdout=log,
