@@ -90,11 +90,8 @@ def read_rows(sources: list[str]) -> list[dict]:
 
 def prepare(args) -> dict:
     """The random 7B model folder and the tokenized rows (ours, and the notebook's padded form)."""
-    import pyarrow as pa
-
     from bench.gpu_smoke import build_random_7b
     from chat_doctor.config import ModelConfig, TokenizeConfig
-    from chat_doctor.files import atomic_path
     from chat_doctor.modeling import load_tokenizer
     from chat_doctor.tokenized import IGNORE_INDEX, tokenize_row, write_split
 
@@ -123,13 +120,7 @@ def prepare(args) -> dict:
         padded["input_ids"].append(ids + [eos] * (n - len(ids)))
         padded["attention_mask"].append([1] * len(ids) + [0] * (n - len(ids)))
         padded["labels"].append([IGNORE_INDEX if t == eos else t for t in padded["input_ids"][-1]])
-    table = pa.table({k: pa.array(v, type=pa.list_(pa.int32())) for k, v in padded.items()})
-    with (
-        atomic_path(work / "original.arrow") as tmp,
-        pa.OSFile(str(tmp), "wb") as sink,
-        pa.ipc.new_stream(sink, table.schema) as writer,
-    ):
-        writer.write_table(table)
+    write_split(work / "original.arrow", padded)
     tokens = sum(len(i) for i in ids_col)
     return {
         "model": str(model_dir),

@@ -15,12 +15,13 @@ from chat_doctor.files import atomic_path
 from chat_doctor.prompts import build_example
 
 IGNORE_INDEX = -100  # label value the loss skips
-SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
 
 
 def write_split(path: Path, columns: dict[str, list]) -> None:
-    table = pa.table(columns, schema=SCHEMA)
-    with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, SCHEMA) as writer:
+    """Token columns (lists of ids; `input_ids` and `labels` for a split) as an int32 Arrow stream."""
+    schema = pa.schema([(name, pa.list_(pa.int32())) for name in columns])
+    table = pa.table(columns, schema=schema)
+    with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         writer.write_table(table)
 
 

@@ -34,6 +34,19 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+class TokenRate:
+    """Real tokens/s between successive updates (the tokens of all processes over this clock)."""
+
+    def __init__(self, tokens: int) -> None:
+        self.time, self.tokens = time.perf_counter(), tokens
+
+    def update(self, tokens: int) -> float:
+        now = time.perf_counter()
+        rate = (tokens - self.tokens) / max(now - self.time, 1e-9)
+        self.time, self.tokens = now, tokens
+        return rate
+
+
 def callbacks(run_dir: Path, run_id: str | None) -> list:
     from transformers import TrainerCallback
 
@@ -61,16 +74,15 @@ def callbacks(run_dir: Path, run_id: str | None) -> list:
         """Per logging step: loss, learning rate, grad norm, real (non-padding) tokens/s, peak memory."""
 
         def __init__(self) -> None:
-            self.last = (time.perf_counter(), 0)
+            self.rate = TokenRate(0)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
-            now, tokens = time.perf_counter(), state.num_input_tokens_seen
+            tokens = state.num_input_tokens_seen
             metrics = {f"train/{k}": v for k, v in logs.items() if k in ("loss", "learning_rate", "grad_norm")}
-            if "loss" in logs and tokens > self.last[1]:
-                metrics["train/tokens_per_s"] = (tokens - self.last[1]) / max(now - self.last[0], 1e-9)
+            if "loss" in logs and tokens > self.rate.tokens:
+                metrics["train/tokens_per_s"] = self.rate.update(tokens)
                 metrics["train/peak_memory_gib"] = peak_memory_gib()
-                self.last = (now, tokens)
             if run_id and metrics:
                 log_metrics(run_id, metrics, step=state.global_step)
 
@@ -79,7 +91,7 @@ def callbacks(run_dir: Path, run_id: str | None) -> list:
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.start, self.first_step = time.perf_counter(), state.global_step
-            self.last = (self.start, state.num_input_tokens_seen)
+            self.rate = TokenRate(state.num_input_tokens_seen)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or "loss" not in logs or not state.is_world_process_zero:
@@ -88,8 +100,7 @@ def callbacks(run_dir: Path, run_id: str | None) -> list:
             done = state.global_step - self.first_step
             per_step = (now - self.start) / max(done, 1)
             eta = int(per_step * (state.max_steps - state.global_step))
-            tokens_per_s = (state.num_input_tokens_seen - self.last[1]) / max(now - self.last[0], 1e-9)
-            self.last = (now, state.num_input_tokens_seen)
+            tokens_per_s = self.rate.update(state.num_input_tokens_seen)
             print(
                 f"step {state.global_step}/{state.max_steps} ({100 * state.global_step // state.max_steps}%) "
                 f"loss {logs['loss']:.4f}, {tokens_per_s:,.0f} tokens/s, ETA {eta // 60}:{eta % 60:02d}",

@@ -57,7 +57,7 @@ def _training_args(cfg: Config, output_dir: Path):
     t = cfg.train
     dtype = resolve_dtype(cfg.model.compute_dtype)
     on_cuda = device() == "cuda"
-    sharded = t.strategy == "fsdp" and world_size() > 1
+    sharded = _sharded(cfg)
     return TrainingArguments(
         output_dir=str(output_dir),
         max_steps=t.max_steps,
@@ -129,6 +129,11 @@ def _collator(cfg: Config, tokenizer):
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _sharded(cfg: Config) -> bool:
+    """FSDP in effect: asked for, and more than one process to shard over."""
+    return cfg.train.strategy == "fsdp" and world_size() > 1
 
 
 def is_main_process() -> bool:
@@ -203,7 +208,7 @@ def train_in_process(
     adapter = run_dir / "adapter"
     outputs = {"run_dir": str(run_dir), "adapter": str(adapter), "resumed_from": resume or ""}
     state_dict = None
-    if cfg.train.strategy == "fsdp" and world_size() > 1:
+    if _sharded(cfg):
         state_dict = trainer.accelerator.get_state_dict(trainer.model)  # gathers the shards: all processes
     if not main:
         return outputs
@@ -267,10 +272,10 @@ def _check_device(cfg: Config) -> None:
     """GPU-only settings are refused on a CPU before anything loads, naming the key to change."""
     if device() == "cuda":
         return
-    gpu_only = {"train.kernels": (cfg.train.kernels, "none"), "train.attention": (cfg.train.attention, "sdpa")}
-    for key, (value, cpu_value) in gpu_only.items():
-        if value in ("liger", VARLEN):
-            raise ConfigError(f"{key} = {value} needs a CUDA GPU; on a CPU set {key}: {cpu_value}")
+    if cfg.train.kernels == "liger":
+        raise ConfigError("train.kernels = liger needs a CUDA GPU; on a CPU set train.kernels: none")
+    if cfg.train.attention == VARLEN:
+        raise ConfigError("train.attention = varlen needs a CUDA GPU; on a CPU set train.attention: sdpa")
 
 
 def processes(cfg: Config) -> int:
