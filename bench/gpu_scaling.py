@@ -78,6 +78,9 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override for every case, e.g. train.micro_batch_size=32")  # fmt: skip
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--profile", action="store_true",
+                        help="torch.profiler over steps 3-4 of every process, into <work>/profile/<case> "
+                        "(use --warmup 5: profiled steps are slower)")  # fmt: skip
     parser.add_argument("--work", type=Path, default=Path("/tmp/chat-doctor-speed"))
     parser.add_argument("--timeout", type=int, default=300)
     parser.add_argument("--case", help=argparse.SUPPRESS)
@@ -114,6 +117,8 @@ def main() -> None:
     def start(name: str, gpus: str, extra: dict) -> subprocess.Popen:
         extra = deep_merge(common, extra)
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": physical(gpus)}
+        if args.profile:
+            env["CHAT_DOCTOR_PROFILE"] = str(args.work / "profile" / name)
         log = open(logs / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
         return subprocess.Popen([*me, "--case", name, "--extra", json.dumps(extra)], env=env, stdout=log,
                                 stderr=subprocess.STDOUT, text=True)  # fmt: skip

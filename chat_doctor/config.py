@@ -168,6 +168,13 @@ class TrainConfig(_Section):
         description="Padding-free: a micro-batch's rows are concatenated into one sequence with per-row "
         "attention (position ids restart at each row), so no compute goes to padding.",
     )
+    pack_length: int = Field(
+        0,
+        ge=0,
+        description="With packing: whole rows are packed into bins of at most this many tokens and "
+        "micro_batch_size counts bins, so every forward pass holds about micro_batch_size x pack_length "
+        "tokens (0 = micro_batch_size counts rows, whatever their length). Must be >= tokenize.max_length.",
+    )
     upcast_layers: bool = Field(
         True,
         description="Norms, embeddings and lm_head in fp32 (peft's prepare_model_for_kbit_training, the "
@@ -208,6 +215,8 @@ class TrainConfig(_Section):
     def _settings_fit_together(self) -> TrainConfig:
         if self.attention == "varlen" and not self.packing:
             raise ValueError("train.attention = varlen needs train.packing: true (it attends within packed rows)")
+        if self.pack_length and not self.packing:
+            raise ValueError("train.pack_length needs train.packing: true (bins are packed rows)")
         if self.strategy == "fsdp" and self.upcast_layers:
             raise ValueError("train.strategy = fsdp needs train.upcast_layers: false (FSDP shards one dtype)")
         return self
@@ -228,7 +237,8 @@ class TrainConfig(_Section):
 
 
 def effective_batch(train: TrainConfig) -> int:
-    """Rows per optimizer step: micro-batch x accumulation, over all GPUs together. OOM retries keep it."""
+    """Rows (bins, with train.pack_length) per optimizer step: micro-batch x accumulation, over all
+    GPUs together. OOM retries keep it."""
     return train.micro_batch_size * train.grad_accum
 
 
@@ -343,9 +353,14 @@ class Config(_Section):
     chat: ChatConfig = ChatConfig()
 
     @model_validator(mode="after")
-    def _fsdp_shards_one_dtype(self) -> Config:
+    def _sections_fit_together(self) -> Config:
         if self.train.strategy == "fsdp" and self.lora.adapter_dtype != "compute":
             raise ValueError("train.strategy = fsdp needs lora.adapter_dtype: compute (FSDP shards one dtype)")
+        if 0 < self.train.pack_length < self.tokenize.max_length:
+            raise ValueError(
+                f"train.pack_length = {self.train.pack_length} is shorter than tokenize.max_length = "
+                f"{self.tokenize.max_length}: a row of that length would fit no bin"
+            )
         return self
 
     @field_validator("runs_dir")

@@ -119,3 +119,58 @@ def callbacks(run_dir: Path, run_id: str | None) -> list:
                 raise RuntimeError(f"injected failure at step {state.global_step} ({FAULT_ENV})")
 
     return [MlflowLogger(), Progress(), MarkComplete(), FaultInjector()]
+
+
+PROFILE_ENV = "CHAT_DOCTOR_PROFILE"  # a folder: where the time of two training steps goes, per process
+PROFILE_STEPS = (3, 5)  # after warm-up (allocator, kernel autotuning, first-step compilation)
+
+
+def profiler_callbacks() -> list:
+    """With CHAT_DOCTOR_PROFILE set: torch.profiler over steps 3-4 of each process, written there.
+
+    Each process writes profile-rank<N>.txt (operators by GPU time and by CPU time); the first also
+    writes trace-rank0.json.gz, which chrome://tracing or ui.perfetto.dev open.
+    """
+    folder = os.environ.get(PROFILE_ENV)
+    if not folder:
+        return []
+    from transformers import TrainerCallback
+
+    class Profile(TrainerCallback):
+        profiler = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            import torch
+
+            if state.global_step == PROFILE_STEPS[0] and self.profiler is None:
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                if torch.cuda.is_available():
+                    activities.append(torch.profiler.ProfilerActivity.CUDA)
+                self.profiler = torch.profiler.profile(activities=activities)
+                self.profiler.__enter__()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step != PROFILE_STEPS[1] or self.profiler is None:
+                return
+            self.profiler.__exit__(None, None, None)
+            out = Path(folder)
+            out.mkdir(parents=True, exist_ok=True)
+            rank = os.environ.get("RANK", "0")
+            averages = self.profiler.key_averages()
+            steps = PROFILE_STEPS[1] - PROFILE_STEPS[0]
+            tables = [
+                f"== {sort} ({steps} steps) ==\n{averages.table(sort_by=sort, row_limit=40)}"
+                for sort in ("self_device_time_total", "self_cpu_time_total")
+            ]
+            (out / f"profile-rank{rank}.txt").write_text("\n\n".join(tables))
+            if rank == "0":
+                import gzip
+                import tempfile
+
+                with tempfile.NamedTemporaryFile(suffix=".json") as raw:
+                    self.profiler.export_chrome_trace(raw.name)
+                    with open(raw.name, "rb") as src, gzip.open(out / "trace-rank0.json.gz", "wb") as dst:
+                        dst.write(src.read())
+            self.profiler = None
+
+    return [Profile()]

@@ -24,7 +24,7 @@ from chat_doctor.files import atomic_dir, content_hash, write_json
 from chat_doctor.modeling import device, load_base_model, load_tokenizer, resolve_dtype
 from chat_doctor.tokenized import IGNORE_INDEX, load_split
 from chat_doctor.tracking import log_metrics, set_tags
-from chat_doctor.train_callbacks import callbacks, latest_checkpoint
+from chat_doctor.train_callbacks import callbacks, latest_checkpoint, profiler_callbacks
 
 # How the step is spread over GPUs and machines: the same training whatever they are, so a run can
 # resume on another number of GPUs (the effective batch is kept).
@@ -94,6 +94,9 @@ def _training_args(cfg: Config, output_dir: Path):
         # data-parallel processes get micro-batches of similar cost.
         train_sampling_strategy="group_by_length",
         include_num_input_tokens_seen="non_padding",
+        # Checking each micro-batch's loss for NaN on the host stalls the GPU queue every time; a NaN
+        # shows in the logged loss anyway.
+        logging_nan_inf_filter=False,
         report_to="none",
         disable_tqdm=False,
         dataloader_num_workers=0,
@@ -175,16 +178,36 @@ def build_trainer(cfg: Config, train_path: str, checkpoints: Path, extra_callbac
     """The Trainer for `cfg` on the tokenized split at `train_path` (also what bench/ measures)."""
     from transformers import Trainer
 
+    class PackedTrainer(Trainer):
+        """Micro-batches of train.micro_batch_size bins of at most train.pack_length tokens."""
+
+        def get_train_dataloader(self):
+            return _packed_dataloader(self, cfg.train)
+
     tokenizer = load_tokenizer(cfg.model)
     model = _adapted_model(cfg)
-    return Trainer(
+    return (PackedTrainer if cfg.train.pack_length else Trainer)(
         model=model,
         args=_training_args(cfg, checkpoints),
         train_dataset=load_split(train_path),
         processing_class=tokenizer,
         data_collator=_collator(cfg, tokenizer),
-        callbacks=list(extra_callbacks),
+        callbacks=[*extra_callbacks, *profiler_callbacks()],
     )
+
+
+def _packed_dataloader(trainer, train):
+    """The train DataLoader over token-budget bins; accelerate hands each process whole micro-batches."""
+    import pyarrow.compute as pc
+    from torch.utils.data import DataLoader
+
+    from chat_doctor.packing import PackedBatchSampler
+
+    dataset = trainer.train_dataset
+    lengths = pc.list_value_length(dataset.data.column("input_ids")).to_pylist()
+    sampler = PackedBatchSampler(lengths, train.pack_length, train.micro_batch_size, train.seed)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=trainer.data_collator, num_workers=0)
+    return trainer.accelerator.prepare(loader)
 
 
 def train_in_process(

@@ -197,3 +197,15 @@ def test_evaluation_report_and_all_or_nothing_registration(trained, monkeypatch)
     for name in ("chat-doctor-adapter", "chat-doctor-adapter-merged"):
         assert [int(v.version) for v in client.search_model_versions(f"name = '{name}'")] == [1]
         assert int(client.get_model_version_by_alias(name, "champion").version) == 1
+
+
+def test_profile_env_writes_where_two_training_steps_spend_their_time(project, monkeypatch, tmp_path):
+    import gzip
+
+    monkeypatch.setenv("CHAT_DOCTOR_PROFILE", str(tmp_path / "profile"))
+    cfg = load_config("params.yaml", {"data.rows": 40, "lora.r": 4, "train.max_steps": 5, "train.save_steps": 5})
+    train_in_process(cfg, run_tokenize(cfg.tokenize, cfg.model, run_sample(cfg.data)))
+    table = (tmp_path / "profile" / "profile-rank0.txt").read_text()
+    assert "== self_cpu_time_total (2 steps) ==" in table and "aten::mm" in table
+    trace = json.loads(gzip.decompress((tmp_path / "profile" / "trace-rank0.json.gz").read_bytes()))
+    assert any(event.get("name") == "aten::mm" for event in trace["traceEvents"])
