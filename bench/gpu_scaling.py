@@ -4,10 +4,10 @@
 
 Each case is the pipeline's own train step (`run_train`: torchrun, one process per GPU) with the
 `mistral-7b` preset on Mistral-7B shapes (random weights) and the real rows, at the preset's
-effective batch (64 rows a step, split over the GPUs). Real tokens/s is read from the step's
+effective batch (16 bins of <= 2,048 tokens a step, split over the GPUs). Real tokens/s is read from the step's
 progress lines (all processes' tokens over rank 0's clock), averaged after the warm-up steps.
-The two-node case starts node 0 through `run_train` on GPUs 0-1 and node 1 with
-`python -m tasks.train join` on GPUs 2-3, meeting at a c10d rendezvous on 127.0.0.1.
+The two-node case starts node 0 through `run_train` on the first half of the GPUs and node 1 with
+`python -m tasks.train join` on the second half, meeting at a c10d rendezvous on 127.0.0.1.
 The FSDP case (train.strategy = fsdp, 2 GPUs, layer checkpointing) is a smoke test: it must
 train and write an adapter. `--set KEY=VALUE` changes every case (e.g. train.micro_batch_size=32
 with train.grad_accum=2: more tokens per process and step at the same effective batch).
@@ -142,16 +142,18 @@ def main() -> None:
             name = f"{n}-gpu"
             results[name] = finish(name, start(name, ",".join(map(str, range(n))), {"train": {"gpus": n}}))
     if "two-nodes" in cases:
-        two = {"train": {"gpus": 2, "nnodes": 2, "rdzv_endpoint": "127.0.0.1:29533"}}
-        node0 = start("two-nodes", "0,1", two)
+        half = max(map(int, args.gpus.split(","))) // 2  # each "node" gets half the GPUs
+        two = {"train": {"gpus": half, "nnodes": 2, "rdzv_endpoint": "127.0.0.1:29533"}}
+        node0 = start("two-nodes", ",".join(map(str, range(half))), two)
         spec = _wait_for_spec(ROOT / "runs" / "scaling-two-nodes", node0)
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": physical("2,3")}
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": physical(",".join(map(str, range(half, 2 * half))))}
         with open(logs / "two-nodes-node1.log", "w") as log:
             node1 = subprocess.Popen([sys.executable, "-m", "tasks.train", "join", str(spec), "--node-rank", "1"],
                                      cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
-            results["2 nodes x 2 GPUs"] = finish("two-nodes", node0)
+            name = f"2 nodes x {half} GPUs"
+            results[name] = finish("two-nodes", node0)
             node1.wait(timeout=60)
-            results["2 nodes x 2 GPUs"]["node1_exit"] = node1.returncode
+            results[name]["node1_exit"] = node1.returncode
     if "fsdp" in cases:
         fsdp = {"train": {"gpus": 2, "strategy": "fsdp", "gradient_checkpointing": True}}
         results["fsdp 2 GPUs"] = finish("fsdp", start("fsdp", "0,1", fsdp))

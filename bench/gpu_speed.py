@@ -7,9 +7,13 @@ Every recipe trains Mistral-7B's shapes (seeded random weights: no hub) in its o
 after the other on the same card, on the same real rows tokenized once (original template,
 max_length 512, EOS kept). Each reports real (non-padding) tokens/s over the steps after a
 warm-up and its peak GPU memory. Checks: every grad norm is above 0, the loss falls, and each of
-our recipes' losses after N steps match `plain` (the same batches) within noise.
+our recipes' losses after N steps match its reference on the same batches within noise: `plain`
+for the recipes that count rows (16 a micro-batch, 4 a step), `fast` for those that pack rows
+into token bins (4 bins of <= 2,048 tokens a micro-batch, 4 a step: ~32k tokens).
+Steps differ in size, so their counts are scaled to about the same tokens: --steps for the row
+recipes, 4x for the notebook (4 rows a step), half for the bin recipes and 2x for unsloth (8k).
 At the default 25 timed steps the whole list is long; it can run in two parts, e.g. the notebook,
-plain, fast, unsloth and lean, then the levers (--recipes plain,+bf16,+liger,-ckpt,fast+flex).
+plain, fast, unsloth and lean, then the levers (--recipes plain,+bf16,+liger,-ckpt,fast-rows).
 It prints a table with ratios to `original` and to `unsloth`; --record appends it, with card,
 versions, date and command, to bench/RESULTS.md. `--generate` adds batched generation speed of
 the 4-bit base + adapter against the merged bf16 model.
@@ -32,7 +36,10 @@ sys.path.insert(0, str(ROOT))
 
 # name: (how it runs, what it is). `ours` recipes are a preset plus overrides, trained by the
 # pipeline's own build_trainer; each lever is added to the one before it.
+# Rows, not bins: 16 rows a micro-batch (however long), 4 a step, as the notebook counts.
+ROWS = {"train.pack_length": 0, "train.micro_batch_size": 16, "train.grad_accum": 4}
 PLAIN = {
+    **ROWS,
     "lora.dropout": 0.05,
     "lora.adapter_dtype": "float32",
     "train.upcast_layers": True,
@@ -51,36 +58,30 @@ RECIPES: dict[str, dict] = {
                       "train.attention": "sdpa"},
               "what": "plain, bf16 norms/lm_head/adapters, no LoRA dropout"},
     "+liger": {"kind": "ours", "preset": "mistral-7b",
-               "set": {"train.gradient_checkpointing": True, "train.optim": "paged_adamw_8bit",
+               "set": {**ROWS, "train.gradient_checkpointing": True, "train.optim": "paged_adamw_8bit",
                        "train.attention": "sdpa"},
                "what": "+bf16, liger RMSNorm/SwiGLU/RoPE + fused lm_head loss"},
-    "-ckpt": {"kind": "ours", "preset": "mistral-7b", "set": {"train.attention": "sdpa"},
+    "-ckpt": {"kind": "ours", "preset": "mistral-7b", "set": {**ROWS, "train.attention": "sdpa"},
               "what": "+liger, no checkpointing, fused AdamW"},
-    "fast": {"kind": "ours", "preset": "mistral-7b", "set": {},
-             "what": "preset mistral-7b: -ckpt, torch's varlen flash attention per packed row (no mask)"},
+    "fast-rows": {"kind": "ours", "preset": "mistral-7b", "set": ROWS,
+                  "what": "-ckpt, torch's varlen flash attention per packed row (no mask)"},
+    "fast": {"kind": "ours", "preset": "mistral-7b", "set": {}, "bins": True,
+             "what": "preset mistral-7b: fast-rows, micro-batches of 4 bins of <= 2,048 tokens (whole rows), "
+             "4 a step"},
     "fast+flex": {"kind": "ours", "preset": "mistral-7b", "set": {"train.attention": "flex_attention"},
-                  "what": "fast with flex attention (skips the blocks between packed rows)"},
-    "lean": {"kind": "ours", "preset": "mistral-7b-lean", "set": {},
-             "what": "preset mistral-7b-lean: fast's kernels, checkpointing, 8 rows a micro-batch"},
-    "lean-16": {"kind": "ours", "preset": "mistral-7b-lean",
-                "set": {"train.micro_batch_size": 16, "train.grad_accum": 4},
-                "what": "lean with 16 rows a micro-batch"},
+                  "bins": True, "what": "fast with flex attention (skips the blocks between packed rows)"},
+    "lean": {"kind": "ours", "preset": "mistral-7b-lean", "set": {}, "bins": True, "reference": "fast",
+             "what": "preset mistral-7b-lean: fast, recomputing each layer, paged 8-bit AdamW"},
     "lean+offload": {"kind": "ours", "preset": "mistral-7b-lean", "set": {"train.checkpoint_offload": True},
+                     "bins": True, "reference": "fast",
                      "what": "lean, checkpointed layer inputs kept in CPU memory"},
-    "fast-bins": {"kind": "ours", "preset": "mistral-7b", "same_batches": False,
-                  "set": {"train.pack_length": 2048, "train.micro_batch_size": 4, "train.grad_accum": 1},
-                  "what": "fast, micro-batches of 4 bins of <= 2,048 tokens (whole rows) instead of 16 rows"},
-    "lean-bins": {"kind": "ours", "preset": "mistral-7b-lean", "same_batches": False,
-                  "set": {"train.pack_length": 2048, "train.micro_batch_size": 4, "train.grad_accum": 1},
-                  "what": "lean, micro-batches of 4 bins of <= 2,048 tokens"},
-    "lean-bins+offload": {"kind": "ours", "preset": "mistral-7b-lean", "same_batches": False,
-                          "set": {"train.pack_length": 2048, "train.micro_batch_size": 4, "train.grad_accum": 1,
-                                  "train.checkpoint_offload": True},
-                          "what": "lean-bins, checkpointed layer inputs kept in CPU memory"},
+    "lean-2bins": {"kind": "ours", "preset": "mistral-7b-lean", "bins": True, "reference": "fast",
+                   "set": {"train.micro_batch_size": 2, "train.grad_accum": 8},
+                   "what": "lean, micro-batches of 2 bins (~4,096 tokens)"},
     "unsloth": {"kind": "unsloth", "seq": 2048, "batch": 4,
                 "what": "unsloth peer, packed 2048 x 4, its offloaded checkpointing"},
 }  # fmt: skip
-REFERENCE = "plain"  # our recipes' losses are checked against this one (same batches)
+REFERENCE = "plain"  # our recipes' losses are checked against this one unless they name theirs
 
 
 def read_rows(sources: list[str]) -> list[dict]:
@@ -163,7 +164,8 @@ def run_one(args) -> None:
 
     name = args.run
     original = RECIPES[name]["kind"] == "original"
-    steps = args.steps * (4 if original else 1)  # its steps hold a 16th of the rows of ours
+    # The notebook's steps hold 4 rows (16x fewer than 64-row steps); bin steps ~32k tokens (4x more).
+    steps = args.steps * 4 if original else max(args.steps // 2, 4) if RECIPES[name].get("bins") else args.steps
     cfg = _recipe_config(name, args.model, steps, args.warmup)
     timer = StepTimer(args.warmup)
     data = str(args.work / ("original.arrow" if original else "train.arrow"))
@@ -233,7 +235,6 @@ def _child(cmd: list[str], env: dict, timeout: int, log: Path) -> dict:
 def checks(results: dict) -> dict[str, str]:
     """Training really happens and our recipes match the plain reference."""
     verdicts = {}
-    ref = results.get(REFERENCE, {}).get("losses")
     for name, r in results.items():
         if "losses" not in r:
             continue
@@ -242,12 +243,14 @@ def checks(results: dict) -> dict[str, str]:
             problems.append("a grad norm is 0")
         if not r["losses"][-1] < r["losses"][0]:
             problems.append(f"loss did not fall ({r['losses'][0]} -> {r['losses'][-1]})")
-        same_batches = RECIPES[name]["kind"] == "ours" and RECIPES[name].get("same_batches", True)
-        if same_batches and ref and len(ref) == len(r["losses"]):
+        reference = RECIPES[name].get("reference", REFERENCE)
+        ref = results.get(reference, {}).get("losses")
+        same_batches = RECIPES[name]["kind"] == "ours" and RECIPES[reference].get("bins") == RECIPES[name].get("bins")
+        if name != reference and same_batches and ref and len(ref) == len(r["losses"]):
             gap = max(abs(a - b) / b for a, b in zip(r["losses"], ref, strict=True))
-            r["max_rel_loss_gap_to_plain"] = round(gap, 4)
+            r[f"max_rel_loss_gap_to_{reference}"] = round(gap, 4)
             if gap > 0.03:  # bf16 vs fp32 paths and dropout differ; a broken recipe is off by far more
-                problems.append(f"loss differs from plain by {gap:.1%}")
+                problems.append(f"loss differs from {reference} by {gap:.1%}")
         verdicts[name] = "; ".join(problems) or "ok"
     return verdicts
 
@@ -292,7 +295,7 @@ def main() -> None:
     parser.add_argument("--recipes", default=",".join(RECIPES))
     # 25 steps of 64 rows span two of the length-grouped sampler's megabatches (800 rows each, longest
     # rows first), so the timed rows have the data's average length.
-    parser.add_argument("--steps", type=int, default=25, help="timed optimizer steps (original: 4x)")
+    parser.add_argument("--steps", type=int, default=25, help="timed steps of 64 rows (scaled for the others)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--generate", action="store_true", help="also time generation, 4-bit + adapter vs merged")
     parser.add_argument("--gen-batch", type=int, default=16)

@@ -400,9 +400,12 @@ _FAST = {
     # bf16 throughout; rows packed with per-row attention; no activation recomputation.
     "lora": {"r": 32, "alpha": 64, "dropout": 0.0, "adapter_dtype": "compute"},
     "train": {
-        "max_steps": 140,  # ~2 epochs of 4,500 rows at 64 rows a step
-        "micro_batch_size": 16,  # at most 16 x 512 = 8,192 tokens a forward pass
-        "grad_accum": 4,
+        # Micro-batches by token budget: 4 bins of whole rows, each <= 2,048 tokens, so every forward
+        # pass holds ~8,192 tokens (16 rows held 500 to 8,192) and GPUs of a data-parallel run get equal work.
+        "pack_length": 2048,
+        "micro_batch_size": 4,
+        "grad_accum": 4,  # ~32k tokens (~250 rows) a step; 4 GPUs each take one micro-batch of it
+        "max_steps": 36,  # ~2 epochs of 4,500 rows (~290 bins an epoch)
         "learning_rate": 2e-4,
         "optim": "adamw_torch_fused",
         "gradient_checkpointing": False,
@@ -418,13 +421,11 @@ _FAST = {
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu-tiny": {},
     "mistral-7b": deep_merge(_MISTRAL_7B, _FAST),
-    # Least GPU memory: the fast recipe recomputing each layer in the backward pass, half the micro-batch.
+    # Least GPU memory: the fast recipe recomputing each layer in the backward pass.
     "mistral-7b-lean": deep_merge(
         deep_merge(_MISTRAL_7B, _FAST),
         {
             "train": {
-                "micro_batch_size": 8,
-                "grad_accum": 8,
                 "optim": "paged_adamw_8bit",
                 "gradient_checkpointing": True,
             }
