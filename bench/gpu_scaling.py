@@ -4,7 +4,7 @@
 
 Each case is the pipeline's own train step (`run_train`: torchrun, one process per GPU) with the
 `mistral-7b` preset on Mistral-7B shapes (random weights) and the real rows, at the preset's
-effective batch (16 bins of <= 2,048 tokens a step, split over the GPUs). Real tokens/s is read from the step's
+effective batch (16 bins of <= 1,536 tokens a step, split over the GPUs). Real tokens/s is read from the step's
 progress lines (all processes' tokens over rank 0's clock), averaged after the warm-up steps.
 The two-node case starts node 0 through `run_train` on the first half of the GPUs and node 1 with
 `python -m tasks.train join` on the second half, meeting at a c10d rendezvous on 127.0.0.1.

@@ -9,7 +9,7 @@ max_length 512, EOS kept). Each reports real (non-padding) tokens/s over the ste
 warm-up and its peak GPU memory. Checks: every grad norm is above 0, the loss falls, and each of
 our recipes' losses after N steps match its reference on the same batches within noise: `plain`
 for the recipes that count rows (16 a micro-batch, 4 a step), `fast` for those that pack rows
-into token bins (4 bins of <= 2,048 tokens a micro-batch, 4 a step: ~32k tokens).
+into token bins (16 bins of <= 1,536 tokens a step: ~24k tokens).
 Steps differ in size, so their counts are scaled to about the same tokens: --steps for the row
 recipes, 4x for the notebook (4 rows a step), half for the bin recipes and 2x for unsloth (8k).
 At the default 25 timed steps the whole list is long; it can run in two parts, e.g. the notebook,
@@ -66,18 +66,22 @@ RECIPES: dict[str, dict] = {
     "fast-rows": {"kind": "ours", "preset": "mistral-7b", "set": ROWS,
                   "what": "-ckpt, torch's varlen flash attention per packed row (no mask)"},
     "fast": {"kind": "ours", "preset": "mistral-7b", "set": {}, "bins": True,
-             "what": "preset mistral-7b: fast-rows, micro-batches of 4 bins of <= 2,048 tokens (whole rows), "
+             "what": "preset mistral-7b: fast-rows, micro-batches of 4 bins of <= 1,536 tokens (whole rows), "
              "4 a step"},
+    "fast-2048": {"kind": "ours", "preset": "mistral-7b", "set": {"train.pack_length": 2048}, "bins": True,
+                  "what": "fast with bins of <= 2,048 tokens"},
     "fast+flex": {"kind": "ours", "preset": "mistral-7b", "set": {"train.attention": "flex_attention"},
                   "bins": True, "what": "fast with flex attention (skips the blocks between packed rows)"},
     "lean": {"kind": "ours", "preset": "mistral-7b-lean", "set": {}, "bins": True, "reference": "fast",
-             "what": "preset mistral-7b-lean: fast, recomputing each layer, paged 8-bit AdamW"},
-    "lean+offload": {"kind": "ours", "preset": "mistral-7b-lean", "set": {"train.checkpoint_offload": True},
-                     "bins": True, "reference": "fast",
-                     "what": "lean, checkpointed layer inputs kept in CPU memory"},
-    "lean-2bins": {"kind": "ours", "preset": "mistral-7b-lean", "bins": True, "reference": "fast",
-                   "set": {"train.micro_batch_size": 2, "train.grad_accum": 8},
-                   "what": "lean, micro-batches of 2 bins (~4,096 tokens)"},
+             "what": "preset mistral-7b-lean: fast's bins and steps, 2 bins a micro-batch, recomputing each "
+             "layer, paged 8-bit AdamW"},
+    "lean-4bins": {"kind": "ours", "preset": "mistral-7b-lean", "bins": True, "reference": "fast",
+                   "set": {"train.micro_batch_size": 4, "train.grad_accum": 4},
+                   "what": "lean with 4 bins a micro-batch"},
+    "lean-4bins+offload": {"kind": "ours", "preset": "mistral-7b-lean", "bins": True, "reference": "fast",
+                           "set": {"train.micro_batch_size": 4, "train.grad_accum": 4,
+                                   "train.checkpoint_offload": True},
+                           "what": "lean-4bins, checkpointed layer inputs kept in CPU memory"},
     "unsloth": {"kind": "unsloth", "seq": 2048, "batch": 4,
                 "what": "unsloth peer, packed 2048 x 4, its offloaded checkpointing"},
 }  # fmt: skip
