@@ -283,8 +283,9 @@ def _halve_micro_batch(cfg: Config, run_dir: Path, error: str) -> str:
     """Record half the micro-batch and twice the accumulation (same effective batch) for the retry."""
     micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
     if micro == 1:
+        shorter = "train.pack_length (and tokenize.max_length)" if cfg.train.pack_length else "tokenize.max_length"
         raise TrainingFailed(
-            f"out of memory at train.micro_batch_size = 1 ({error}); lower tokenize.max_length, set "
+            f"out of memory at train.micro_batch_size = 1 ({error}); lower {shorter}, set "
             "train.gradient_checkpointing: true, or use a GPU with more memory"
         )
     write_json(_micro_batch_state(run_dir), {"micro_batch_size": micro // 2, "grad_accum": accum * 2})

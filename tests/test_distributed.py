@@ -16,7 +16,8 @@ from tasks.train import launch_command, run_train
 
 
 @pytest.mark.slow
-def test_two_processes_train_one_adapter_at_the_same_effective_batch(project, capsys):
+@pytest.mark.parametrize("pack_length", [0, 512], ids=["rows", "token-bins"])
+def test_two_processes_train_one_adapter_at_the_same_effective_batch(project, capsys, pack_length):
     cfg = load_config(
         "params.yaml",
         {
@@ -26,6 +27,7 @@ def test_two_processes_train_one_adapter_at_the_same_effective_batch(project, ca
             "train.save_steps": 2,
             "train.logging_steps": 1,
             "train.packing": True,
+            "train.pack_length": pack_length,  # 512: micro-batches of 4 bins of whole rows
             "train.micro_batch_size": 4,
             "train.grad_accum": 2,
             "train.gpus": 2,
@@ -38,7 +40,12 @@ def test_two_processes_train_one_adapter_at_the_same_effective_batch(project, ca
     assert json.loads((run_dir / "outcome.json").read_text())["adapter"] == out["adapter"]
     assert json.loads((run_dir / "outcome-rank1.json").read_text())["adapter"] == out["adapter"]
     state = json.loads((run_dir / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
-    assert state["train_batch_size"] == 4  # 4 rows x 1 micro-batch x 2 processes = the configured 4 x 2
+    assert state["train_batch_size"] == 4  # 4 rows (bins) x 1 micro-batch x 2 processes = the configured 4 x 2
+    budget = 2 * 2 * 4 * 512  # steps x processes x micro-batch x at most 512 tokens (a row, or a bin)
+    if pack_length:  # bins of whole rows, each nearly full: several rows a bin
+        assert state["num_input_tokens_seen"] > 0.7 * budget
+    else:  # one row of ~160 tokens in each place
+        assert state["num_input_tokens_seen"] < 0.5 * budget
     assert (run_dir / "checkpoints" / "checkpoint-2" / ".complete").is_file()
     saved = json.loads((Path(out["adapter"]) / "chat_doctor_config.json").read_text())
     assert (saved["train"]["micro_batch_size"], saved["train"]["grad_accum"]) == (4, 2)  # as configured

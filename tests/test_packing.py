@@ -106,3 +106,16 @@ def test_training_micro_batches_hold_whole_rows_up_to_the_budget(project, monkey
     # Bins are filled: a micro-batch holds far more rows than micro_batch_size.
     assert max(int((b["position_ids"][0] == 0).sum()) for b in seen) > 2
     assert (Path(out["adapter"]) / "adapter_model.safetensors").is_file()
+
+
+def test_out_of_memory_halves_the_bins_of_a_micro_batch_then_names_pack_length(tmp_path):
+    import json
+
+    from tasks.train import TrainingFailed, _halve_micro_batch
+
+    cfg = build_config({"preset": "mistral-7b"})  # 4 bins x 4 a step
+    assert "2 x 8 (same effective batch)" in _halve_micro_batch(cfg, tmp_path, "CUDA out of memory")
+    assert json.loads((tmp_path / "micro_batch.json").read_text()) == {"micro_batch_size": 2, "grad_accum": 8}
+    one = cfg.model_copy(update={"train": cfg.train.model_copy(update={"micro_batch_size": 1, "grad_accum": 16})})
+    with pytest.raises(TrainingFailed, match=re.escape("lower train.pack_length (and tokenize.max_length)")):
+        _halve_micro_batch(one, tmp_path, "CUDA out of memory")
