@@ -71,7 +71,8 @@ RECIPES: dict[str, dict] = {
     "fast-2048": {"kind": "ours", "preset": "mistral-7b", "set": {"train.pack_length": 2048}, "bins": True,
                   "what": "fast with bins of <= 2,048 tokens"},
     "fast+flex": {"kind": "ours", "preset": "mistral-7b", "set": {"train.attention": "flex_attention"},
-                  "bins": True, "what": "fast with flex attention (skips the blocks between packed rows)"},
+                  "bins": True, "reference": "fast",
+                  "what": "fast with flex attention (skips the blocks between packed rows)"},
     "lean": {"kind": "ours", "preset": "mistral-7b-lean", "set": {}, "bins": True, "reference": "fast",
              "what": "preset mistral-7b-lean: fast's bins and steps, 2 bins a micro-batch, recomputing each "
              "layer, paged 8-bit AdamW"},
@@ -168,7 +169,8 @@ def run_one(args) -> None:
 
     name = args.run
     original = RECIPES[name]["kind"] == "original"
-    # The notebook's steps hold 4 rows (16x fewer than 64-row steps); bin steps ~32k tokens (4x more).
+    # Steps of about the same tokens: the notebook's hold 4 rows (16x fewer than 64-row steps, so 4x
+    # as many); bin steps hold 16 bins of <= 1,536 tokens (~24k, ~3x a 64-row step, so half as many).
     steps = args.steps * 4 if original else max(args.steps // 2, 4) if RECIPES[name].get("bins") else args.steps
     cfg = _recipe_config(name, args.model, steps, args.warmup)
     timer = StepTimer(args.warmup)
@@ -375,7 +377,8 @@ def main() -> None:
             f"- Command: `{command}`\n"
             f"- Data: {data['rows']:,} real rows, {data['tokens']:,} tokens (padding to 512 would add "
             f"{data['padding_share']:.0%}); {args.warmup} warm-up steps, then {args.steps} timed steps "
-            f"(original: {4 * args.steps}).\n\n{report}\n"
+            f"of 64 rows (original: {4 * args.steps} of 4 rows; bin recipes: {max(args.steps // 2, 4)} of 16 "
+            f"bins; unsloth: {2 * args.steps} of its 4 x 2,048).\n\n{report}\n"
         )
         (args.work / "entry.md").write_text(entry)
         with open(ROOT / "bench" / "RESULTS.md", "a") as f:

@@ -141,7 +141,9 @@ class LoraConfig(_Section):
 
 class TrainConfig(_Section):
     max_steps: int = Field(60, gt=0, description="Optimizer steps.")
-    micro_batch_size: int = Field(4, gt=0, description="Rows per forward pass; halve it on out-of-memory.")
+    micro_batch_size: int = Field(
+        4, gt=0, description="Rows (bins, with pack_length) per forward pass; halved on out-of-memory."
+    )
     grad_accum: int = Field(2, gt=0, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(2e-3, gt=0, lt=1, description="Peak learning rate.")
     lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
@@ -251,7 +253,8 @@ def split_for_processes(train: TrainConfig, processes: int) -> tuple[int, int]:
     total = effective_batch(train)
     if total % processes:
         raise ConfigError(
-            f"train.micro_batch_size x train.grad_accum = {total} rows per step cannot be split over "
+            f"train.micro_batch_size x train.grad_accum = {total} {'bins' if train.pack_length else 'rows'} "
+            f"per step cannot be split over "
             f"{processes} GPUs: make it a multiple of {processes} (or set train.gpus)"
         )
     share = total // processes
@@ -492,6 +495,8 @@ def _format_error(err: ValidationError, source: str) -> str:
             )
         elif e["type"] == "extra_forbidden":
             lines.append(f"{source}: unknown key `{key}`")
+        elif isinstance(e.get("input"), dict):  # a check across keys: its message names them
+            lines.append(f"{source}: {e['msg'].removeprefix('Value error, ')}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
             lines.append(f"{source}: `{key}` = {e.get('input')!r}: {msg}")

@@ -122,14 +122,16 @@ def callbacks(run_dir: Path, run_id: str | None) -> list:
 
 
 PROFILE_ENV = "CHAT_DOCTOR_PROFILE"  # a folder: where the time of two training steps goes, per process
-PROFILE_STEPS = (3, 5)  # after warm-up (allocator, kernel autotuning, first-step compilation)
+PROFILE_AFTER = 3  # steps left out first (allocator, kernel autotuning, first-step compilation)
+PROFILE_STEPS = 2
 
 
 def profiler_callbacks() -> list:
-    """With CHAT_DOCTOR_PROFILE set: torch.profiler over steps 3-4 of each process, written there.
+    """With CHAT_DOCTOR_PROFILE set: torch.profiler over steps 4-5 (as progress lines number them).
 
-    Each process writes profile-rank<N>.txt (operators by GPU time and by CPU time); the first also
-    writes trace-rank0.json.gz, which chrome://tracing or ui.perfetto.dev open.
+    Each process writes profile-rank<N>.txt (operators by GPU time and by CPU time) into that
+    folder; the first also writes trace-rank0.json.gz, which ui.perfetto.dev opens. A run that
+    ends sooner writes what it profiled.
     """
     folder = os.environ.get(PROFILE_ENV)
     if not folder:
@@ -138,11 +140,12 @@ def profiler_callbacks() -> list:
 
     class Profile(TrainerCallback):
         profiler = None
+        steps = 0
 
         def on_step_begin(self, args, state, control, **kwargs):
             import torch
 
-            if state.global_step == PROFILE_STEPS[0] and self.profiler is None:
+            if state.global_step == PROFILE_AFTER and self.profiler is None:
                 activities = [torch.profiler.ProfilerActivity.CPU]
                 if torch.cuda.is_available():
                     activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -150,16 +153,23 @@ def profiler_callbacks() -> list:
                 self.profiler.__enter__()
 
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step != PROFILE_STEPS[1] or self.profiler is None:
-                return
+            if self.profiler is not None:
+                self.steps += 1
+                if self.steps == PROFILE_STEPS:
+                    self.write()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.profiler is not None:
+                self.write()
+
+        def write(self) -> None:
             self.profiler.__exit__(None, None, None)
             out = Path(folder)
             out.mkdir(parents=True, exist_ok=True)
             rank = os.environ.get("RANK", "0")
             averages = self.profiler.key_averages()
-            steps = PROFILE_STEPS[1] - PROFILE_STEPS[0]
             tables = [
-                f"== {sort} ({steps} steps) ==\n{averages.table(sort_by=sort, row_limit=40)}"
+                f"== {sort} ({self.steps} steps) ==\n{averages.table(sort_by=sort, row_limit=40)}"
                 for sort in ("self_device_time_total", "self_cpu_time_total")
             ]
             (out / f"profile-rank{rank}.txt").write_text("\n\n".join(tables))

@@ -38,6 +38,8 @@ def run_dir_for(cfg: Config, tokenized: dict[str, str]) -> Path:
     grad_accum doubles, the effective batch stays, and training must resume in the same folder.
     """
     train = cfg.train.model_dump(exclude={"micro_batch_size", "grad_accum", *LAUNCH_KEYS})
+    if not train["pack_length"]:
+        del train["pack_length"]  # runs from before bins existed keep their folder (and resume)
     train["effective_batch"] = effective_batch(cfg.train)
     key = hashlib.sha256(
         json.dumps([section_hash(cfg.model, cfg.lora), train, content_hash(Path(tokenized["train"]))]).encode()
@@ -94,9 +96,6 @@ def _training_args(cfg: Config, output_dir: Path):
         # data-parallel processes get micro-batches of similar cost.
         train_sampling_strategy="group_by_length",
         include_num_input_tokens_seen="non_padding",
-        # Checking each micro-batch's loss for NaN on the host stalls the GPU queue every time; a NaN
-        # shows in the logged loss anyway.
-        logging_nan_inf_filter=False,
         report_to="none",
         disable_tqdm=False,
         dataloader_num_workers=0,
@@ -176,28 +175,40 @@ def _adapted_model(cfg: Config):
 
 def build_trainer(cfg: Config, train_path: str, checkpoints: Path, extra_callbacks: list = ()):
     """The Trainer for `cfg` on the tokenized split at `train_path` (also what bench/ measures)."""
-    from transformers import Trainer
+    from transformers import Trainer, TrainerCallback
 
     class PackedTrainer(Trainer):
         """Micro-batches of train.micro_batch_size bins of at most train.pack_length tokens."""
 
         def get_train_dataloader(self):
-            return _packed_dataloader(self, cfg.train)
+            loader, self.packed_sampler = _packed_dataloader(self, cfg.train)
+            return loader
+
+    class SamplerEpoch(TrainerCallback):
+        """Tells the bin sampler the epoch before each one starts. The Trainer does too, except when
+        a data-parallel run resumes mid-epoch (its wrappers then hide the sampler), and a wrong
+        epoch there would replay the bins of another order."""
+
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            trainer.packed_sampler.set_epoch(math.floor(state.epoch or 0))
 
     tokenizer = load_tokenizer(cfg.model)
     model = _adapted_model(cfg)
-    return (PackedTrainer if cfg.train.pack_length else Trainer)(
+    packed = bool(cfg.train.pack_length)
+    trainer = (PackedTrainer if packed else Trainer)(
         model=model,
         args=_training_args(cfg, checkpoints),
         train_dataset=load_split(train_path),
         processing_class=tokenizer,
         data_collator=_collator(cfg, tokenizer),
-        callbacks=[*extra_callbacks, *profiler_callbacks()],
+        callbacks=[*extra_callbacks, *profiler_callbacks(), *([SamplerEpoch()] if packed else [])],
     )
+    return trainer
 
 
 def _packed_dataloader(trainer, train):
-    """The train DataLoader over token-budget bins; accelerate hands each process whole micro-batches."""
+    """The train DataLoader over token-budget bins (accelerate hands each process whole micro-batches),
+    and its sampler."""
     import pyarrow.compute as pc
     from torch.utils.data import DataLoader
 
@@ -207,7 +218,7 @@ def _packed_dataloader(trainer, train):
     lengths = pc.list_value_length(dataset.data.column("input_ids")).to_pylist()
     sampler = PackedBatchSampler(lengths, train.pack_length, train.micro_batch_size, train.seed)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=trainer.data_collator, num_workers=0)
-    return trainer.accelerator.prepare(loader)
+    return trainer.accelerator.prepare(loader), sampler
 
 
 def train_in_process(

@@ -21,8 +21,10 @@ def _lengths(seed: int, n: int, low: int, high: int) -> list[int]:
 
 
 def test_best_fit_decreasing_puts_each_row_into_the_fullest_bin_it_fits():
-    # 6 opens a bin, 5 another; 4 fits only the first (4 left); 3 and 2 then fill the second.
-    assert pack_rows([6, 5, 4, 3, 2], capacity=10) == [[0, 2], [1, 3, 4]]
+    # 8 and 6 open a bin each (2 and 4 left); 3 fits only the second (1 left); the first 1 goes
+    # where the least room is left (the second), the last one into the first. First-fit would
+    # have put both 1s into the first bin.
+    assert pack_rows([8, 6, 3, 1, 1], capacity=10) == [[0, 4], [1, 2, 3]]
 
 
 def test_bins_hold_every_row_once_within_the_budget_and_are_nearly_full():
@@ -54,13 +56,47 @@ def test_the_sampler_shuffles_bins_by_epoch_and_seed_and_keeps_its_length():
 def test_data_parallel_processes_get_disjoint_whole_micro_batches():
     lengths = _lengths(2, 400, 5, 60)
     sampler = PackedBatchSampler(lengths, capacity=128, bins_per_batch=2, seed=0)
-    shards = [list(BatchSamplerShard(sampler, num_processes=2, process_index=i)) for i in range(2)]
-    assert len(shards[0]) == len(shards[1])  # both processes take the same number of steps
     batches = list(sampler)
-    assert shards[0][: len(batches) // 2] == batches[0::2][: len(batches) // 2]
-    assert shards[1][: len(batches) // 2] == batches[1::2][: len(batches) // 2]
-    seen = [i for shard in shards for batch in shard for i in batch]
-    assert set(seen) == set(range(400))
+    assert len(batches) % 2 == 0  # (an odd count would make accelerate repeat the first micro-batch)
+    shards = [list(BatchSamplerShard(sampler, num_processes=2, process_index=i)) for i in range(2)]
+    assert shards == [batches[0::2], batches[1::2]]  # whole micro-batches, taken in turn
+    rows = [[i for batch in shard for i in batch] for shard in shards]
+    assert not set(rows[0]) & set(rows[1]) and set(rows[0]) | set(rows[1]) == set(range(400))
+
+
+def test_a_data_parallel_run_resumed_mid_epoch_needs_the_epoch_told_to_the_sampler():
+    """What the Trainer does on resume: skip the micro-batches already trained, behind the
+    process's shard. Only a sampler told the epoch replays the rest of that epoch's order."""
+    from accelerate.data_loader import SkipBatchSampler
+
+    def shard(sampler):
+        return BatchSamplerShard(sampler, num_processes=2, process_index=1)
+
+    lengths = _lengths(3, 400, 5, 60)
+    uninterrupted = PackedBatchSampler(lengths, capacity=128, bins_per_batch=2, seed=0)
+    uninterrupted.set_epoch(1)
+    rest_of_epoch_1 = list(shard(uninterrupted))[5:]
+    resumed = PackedBatchSampler(lengths, capacity=128, bins_per_batch=2, seed=0)  # a new process
+    assert list(SkipBatchSampler(shard(resumed), skip_batches=5)) != rest_of_epoch_1  # epoch 0's order
+    resumed.set_epoch(1)
+    assert list(SkipBatchSampler(shard(resumed), skip_batches=5)) == rest_of_epoch_1
+
+
+@pytest.mark.slow
+def test_the_trainer_tells_the_bin_sampler_each_epoch(project):
+    from transformers import TrainerState
+
+    from tasks.train import build_trainer
+
+    overrides = {"data.rows": 40, "lora.r": 4, "train.packing": True, "train.pack_length": 512}
+    cfg = load_config("params.yaml", overrides)
+    tokenized = run_tokenize(cfg.tokenize, cfg.model, run_sample(cfg.data))
+    trainer = build_trainer(cfg, tokenized["train"], Path("runs/checkpoints"))
+    trainer.get_train_dataloader()
+    state = TrainerState()
+    state.epoch = 1.5  # e.g. resumed from a checkpoint halfway through the second epoch
+    trainer.callback_handler.on_epoch_begin(trainer.args, state, trainer.control)
+    assert trainer.packed_sampler.epoch == 1
 
 
 def test_pack_length_is_checked_against_packing_and_the_row_length():
