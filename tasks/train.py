@@ -96,6 +96,10 @@ def _training_args(cfg: Config, output_dir: Path):
         # data-parallel processes get micro-batches of similar cost.
         train_sampling_strategy="group_by_length",
         include_num_input_tokens_seen="non_padding",
+        # A NaN loss is logged as NaN rather than smoothed over, and the host skips one of its two
+        # waits on the GPU per micro-batch (the token count is the other); the presets in
+        # bench/RESULTS.md were measured this way.
+        logging_nan_inf_filter=False,
         report_to="none",
         disable_tqdm=False,
         dataloader_num_workers=0,
