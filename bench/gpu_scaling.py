@@ -140,13 +140,13 @@ def main() -> None:
     if "ddp" in cases:
         for n in map(int, args.gpus.split(",")):
             name = f"{n}-gpu"
-            results[name] = finish(name, start(name, ",".join(map(str, range(n))), {"train": {"gpus": n}}))
+            results[name] = finish(name, start(name, gpu_list(0, n), {"train": {"gpus": n}}))
     if "two-nodes" in cases:
         half = max(map(int, args.gpus.split(","))) // 2  # each "node" gets half the GPUs
         two = {"train": {"gpus": half, "nnodes": 2, "rdzv_endpoint": "127.0.0.1:29533"}}
-        node0 = start("two-nodes", ",".join(map(str, range(half))), two)
+        node0 = start("two-nodes", gpu_list(0, half), two)
         spec = _wait_for_spec(ROOT / "runs" / "scaling-two-nodes", node0)
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": physical(",".join(map(str, range(half, 2 * half))))}
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": physical(gpu_list(half, 2 * half))}
         with open(logs / "two-nodes-node1.log", "w") as log:
             node1 = subprocess.Popen([sys.executable, "-m", "tasks.train", "join", str(spec), "--node-rank", "1"],
                                      cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
@@ -171,6 +171,11 @@ def main() -> None:
     print(report)
     (args.work / "scaling.json").write_text(json.dumps({"results": results, "when": time.strftime("%Y-%m-%d")}))
     (args.work / "scaling.md").write_text(report + "\n")
+
+
+def gpu_list(first: int, stop: int) -> str:
+    """GPU numbers first .. stop-1 as CUDA_VISIBLE_DEVICES spells them."""
+    return ",".join(map(str, range(first, stop)))
 
 
 def _wait_for_spec(runs: Path, node0: subprocess.Popen) -> Path:

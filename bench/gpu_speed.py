@@ -162,6 +162,14 @@ def _recipe_config(name: str, model: str, steps: int, warmup: int):
     return build_config(raw, source=f"recipe {name}")
 
 
+def _timed_steps(name: str, steps: int) -> int:
+    """Steps of about the same tokens as `steps` of 64 rows: the notebook's hold 4 rows (so 4x as
+    many); bin steps 16 bins of <= 1,536 tokens (~24k, ~3x a 64-row step, so half as many)."""
+    if RECIPES[name]["kind"] == "original":
+        return steps * 4
+    return max(steps // 2, 4) if RECIPES[name].get("bins") else steps
+
+
 def run_one(args) -> None:
     """Child process: train one recipe of ours (or the original) and emit its figures."""
     from bench.speed_probe import StepTimer, emit
@@ -169,10 +177,7 @@ def run_one(args) -> None:
 
     name = args.run
     original = RECIPES[name]["kind"] == "original"
-    # Steps of about the same tokens: the notebook's hold 4 rows (16x fewer than 64-row steps, so 4x
-    # as many); bin steps hold 16 bins of <= 1,536 tokens (~24k, ~3x a 64-row step, so half as many).
-    steps = args.steps * 4 if original else max(args.steps // 2, 4) if RECIPES[name].get("bins") else args.steps
-    cfg = _recipe_config(name, args.model, steps, args.warmup)
+    cfg = _recipe_config(name, args.model, _timed_steps(name, args.steps), args.warmup)
     timer = StepTimer(args.warmup)
     data = str(args.work / ("original.arrow" if original else "train.arrow"))
     trainer = build_trainer(cfg, data, args.work / "checkpoints" / name, [timer])
@@ -377,8 +382,8 @@ def main() -> None:
             f"- Command: `{command}`\n"
             f"- Data: {data['rows']:,} real rows, {data['tokens']:,} tokens (padding to 512 would add "
             f"{data['padding_share']:.0%}); {args.warmup} warm-up steps, then {args.steps} timed steps "
-            f"of 64 rows (original: {4 * args.steps} of 4 rows; bin recipes: {max(args.steps // 2, 4)} of 16 "
-            f"bins; unsloth: {2 * args.steps} of its 4 x 2,048).\n\n{report}\n"
+            f"of 64 rows (original: {_timed_steps('original', args.steps)} of 4 rows; bin recipes: "
+            f"{_timed_steps('fast', args.steps)} of 16 bins; unsloth: {2 * args.steps} of its 4 x 2,048).\n\n{report}\n"
         )
         (args.work / "entry.md").write_text(entry)
         with open(ROOT / "bench" / "RESULTS.md", "a") as f:

@@ -21,10 +21,9 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     Longest rows first, each into the fullest bin it still fits; about as few bins as possible, and
     the same bins for the same lengths.
     """
-    too_long = [i for i, n in enumerate(lengths) if n > capacity]
-    if too_long:
-        i = too_long[0]
-        raise ValueError(f"row {i} has {lengths[i]} tokens, more than train.pack_length = {capacity}")
+    too_long = next((i for i, n in enumerate(lengths) if n > capacity), None)
+    if too_long is not None:
+        raise ValueError(f"row {too_long} has {lengths[too_long]} tokens, more than train.pack_length = {capacity}")
     bins: list[list[int]] = []
     room: list[tuple[int, int]] = []  # (tokens left, bin number), sorted
     for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
