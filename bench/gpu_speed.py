@@ -73,16 +73,24 @@ RECIPES: dict[str, dict] = {
     "fast+flex": {"kind": "ours", "preset": "mistral-7b", "set": {"train.attention": "flex_attention"},
                   "bins": True, "reference": "fast",
                   "what": "fast with flex attention (skips the blocks between packed rows)"},
+    "fast+compile": {"kind": "ours", "preset": "mistral-7b", "set": {}, "bins": True, "reference": "fast",
+                     "compile_layers": True,
+                     "what": "fast with each decoder layer torch.compile'd (dynamic shapes)"},
+    "fast-liger+compile": {"kind": "ours", "preset": "mistral-7b", "set": {"train.kernels": "none"}, "bins": True,
+                           "reference": "fast", "compile_layers": True,
+                           "what": "fast+compile without liger (whose autograd functions dynamo rejects)"},
     "lean": {"kind": "ours", "preset": "mistral-7b-lean", "set": {}, "bins": True, "reference": "fast",
-             "what": "preset mistral-7b-lean: fast's bins and steps, 2 bins a micro-batch, recomputing each "
-             "layer, paged 8-bit AdamW"},
-    "lean-4bins": {"kind": "ours", "preset": "mistral-7b-lean", "bins": True, "reference": "fast",
-                   "set": {"train.micro_batch_size": 4, "train.grad_accum": 4},
-                   "what": "lean with 4 bins a micro-batch"},
-    "lean-4bins+offload": {"kind": "ours", "preset": "mistral-7b-lean", "bins": True, "reference": "fast",
-                           "set": {"train.micro_batch_size": 4, "train.grad_accum": 4,
-                                   "train.checkpoint_offload": True},
-                           "what": "lean-4bins, checkpointed layer inputs kept in CPU memory"},
+             "what": "preset mistral-7b-lean: fast's micro-batches, recomputing each layer from its input "
+             "kept in CPU memory, paged 8-bit AdamW"},
+    "lean-gpu": {"kind": "ours", "preset": "mistral-7b-lean", "bins": True, "reference": "fast",
+                 "set": {"train.checkpoint_offload": False},
+                 "what": "lean with the checkpointed layer inputs kept on the GPU"},
+    "lean-8bins": {"kind": "ours", "preset": "mistral-7b-lean", "bins": True, "reference": "fast",
+                   "set": {"train.micro_batch_size": 8, "train.grad_accum": 2},
+                   "what": "lean with 8 bins a micro-batch"},
+    "lean-2bins": {"kind": "ours", "preset": "mistral-7b-lean", "bins": True, "reference": "fast",
+                   "set": {"train.micro_batch_size": 2, "train.grad_accum": 8, "train.checkpoint_offload": False},
+                   "what": "lean-gpu with 2 bins a micro-batch (the lean preset before)"},
     "unsloth": {"kind": "unsloth", "seq": 2048, "batch": 4,
                 "what": "unsloth peer, packed 2048 x 4, its offloaded checkpointing"},
 }  # fmt: skip
@@ -181,6 +189,9 @@ def run_one(args) -> None:
     timer = StepTimer(args.warmup)
     data = str(args.work / ("original.arrow" if original else "train.arrow"))
     trainer = build_trainer(cfg, data, args.work / "checkpoints" / name, [timer])
+    if RECIPES[name].get("compile_layers"):  # a lever under test, not (yet) a config key
+        for layer in trainer.model.get_base_model().model.layers:
+            layer.compile(dynamic=True)
     trainer.train()
     if args.save_adapter:
         trainer.model.save_pretrained(args.save_adapter, safe_serialization=True)

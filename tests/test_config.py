@@ -52,7 +52,8 @@ def test_lean_and_original_presets():
     assert lean.train.gradient_checkpointing and lean.train.attention == "varlen"
     fast = build_config({"preset": "mistral-7b"}).train
     assert (lean.train.pack_length, lean.train.max_steps) == (fast.pack_length, fast.max_steps)
-    assert (lean.train.micro_batch_size, lean.train.grad_accum) == (2, 8)  # the same 16 bins a step as mistral-7b
+    assert (lean.train.micro_batch_size, lean.train.grad_accum) == (4, 4)  # mistral-7b's micro-batches
+    assert lean.train.checkpoint_offload and lean.train.optim == "paged_adamw_8bit"
     original = build_config({"preset": "mistral-7b-original"})
     assert (original.lora.dropout, original.lora.adapter_dtype) == (0.05, "float32")
     assert original.train.upcast_layers and original.train.gradient_checkpointing and not original.train.packing
