@@ -172,9 +172,13 @@ def _recipe_config(name: str, model: str, steps: int, warmup: int):
 
 def _timed_steps(name: str, steps: int) -> int:
     """Steps of about the same tokens as `steps` of 64 rows: the notebook's hold 4 rows (so 4x as
-    many); bin steps 16 bins of <= 1,536 tokens (~24k, ~3x a 64-row step, so half as many)."""
-    if RECIPES[name]["kind"] == "original":
+    many); bin steps 16 bins of <= 1,536 tokens (~24k, ~3x a 64-row step, so half as many);
+    unsloth's 4 x 2,048 (~8k, so 2x as many)."""
+    kind = RECIPES[name]["kind"]
+    if kind == "original":
         return steps * 4
+    if kind == "unsloth":
+        return steps * 2
     return max(steps // 2, 4) if RECIPES[name].get("bins") else steps
 
 
@@ -357,7 +361,7 @@ def main() -> None:
             env["PYTHONPATH"] = f"{args.peer_path}:{ROOT}"
             cmd = [sys.executable, str(ROOT / "bench" / "peer_unsloth.py"), "--model", data["model"],
                    "--data", str(args.work / "train.arrow"), "--seq", str(recipe["seq"]),
-                   "--batch", str(recipe["batch"]), "--steps", str(2 * args.steps),  # a step is 8k tokens, ours ~19k
+                   "--batch", str(recipe["batch"]), "--steps", str(_timed_steps(name, args.steps)),
                    "--warmup", str(args.warmup)]  # fmt: skip
         else:
             extra = ["--save-adapter", str(adapter)] if name == "fast" else []
@@ -394,7 +398,8 @@ def main() -> None:
             f"- Data: {data['rows']:,} real rows, {data['tokens']:,} tokens (padding to 512 would add "
             f"{data['padding_share']:.0%}); {args.warmup} warm-up steps, then {args.steps} timed steps "
             f"of 64 rows (original: {_timed_steps('original', args.steps)} of 4 rows; bin recipes: "
-            f"{_timed_steps('fast', args.steps)} of 16 bins; unsloth: {2 * args.steps} of its 4 x 2,048).\n\n{report}\n"
+            f"{_timed_steps('fast', args.steps)} of 16 bins; unsloth: {_timed_steps('unsloth', args.steps)} "
+            f"of its 4 x 2,048).\n\n{report}\n"
         )
         (args.work / "entry.md").write_text(entry)
         with open(ROOT / "bench" / "RESULTS.md", "a") as f:
