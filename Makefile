@@ -18,7 +18,7 @@ STATE := .local
 CHROMIUM := /usr/bin/chromium
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: venv demo test lint server serve stop mlflow-ui chat clean
+.PHONY: venv demo test test-all lint server serve stop mlflow-ui chat clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,10 +42,15 @@ demo: $(BIN)/.installed server serve
 $(CHROMIUM):
 	$(SUDO) apt-get install -y -q chromium || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
 
+# `make test`: lint and every test but the `full` tier (about 10 minutes on 2 cores with the set-up);
+# `make test-all` adds that tier (each of its tests proves again, another way, what one in make test does).
 test: $(BIN)/.installed $(CHROMIUM)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not full" --durations=10
+
+test-all: $(BIN)/.installed $(CHROMIUM)
+	$(BIN)/python -m pytest --durations=10
 
 # The chat UI on http://127.0.0.1:7860 with the champion (MODEL=candidate, MODEL=3 or MODEL=<folder>).
 chat: $(BIN)/.installed

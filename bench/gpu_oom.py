@@ -3,7 +3,7 @@ for the card, retried the way the flow's Prefect task retries it (half the micro
 accumulation, resume from the last complete checkpoint) until it fits.
 
     python bench/gpu_oom.py --tokenizer <saved tokenizer folder> --micro-batch 64 --steps 3
-    python bench/gpu_oom.py --base tiny --micro-batch 4 --steps 4   # CPU, with CHAT_DOCTOR_OOM_AT_STEP=2
+    python bench/gpu_oom.py --base tiny --micro-batch 4 --steps 4   # CPU, with CHAT_DOCTOR_FAULTS=oom_at_step=2
 
 Prints one line per attempt and a JSON summary.
 """

@@ -37,6 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.processes import free_port, mlflow_server_command, stop_when_idle, task_states
+from chat_doctor import faults
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -118,13 +119,13 @@ class Soak:
 
     # --- running and retrying flow runs ---------------------------------------------------------
 
-    def start_flow(self, overrides: dict, faults: dict[str, str], name: str) -> tuple[subprocess.Popen, list[str]]:
-        """`python -m flows.finetune KEY=VALUE ...` with fault variables; its output lines, live."""
+    def start_flow(self, overrides: dict, armed: dict[str, str], name: str) -> tuple[subprocess.Popen, list[str]]:
+        """`python -m flows.finetune KEY=VALUE ...` with the faults `armed`; its output lines, live."""
         args = [f"{key}={value}" for key, value in overrides.items()]
         proc = subprocess.Popen(
             [sys.executable, "-m", "flows.finetune", *args],
             cwd=self.root,
-            env={**self.env, **faults},
+            env={**self.env, **armed},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -236,15 +237,17 @@ def overrides(i: int) -> dict:
 
 def oom_run(soak: Soak, i: int) -> dict:
     step = soak.rng.randint(1, STEPS)
-    proc, lines = soak.start_flow(overrides(i), {"CHAT_DOCTOR_OOM_AT_STEP": str(step)}, f"run{i}-oom")
+    proc, lines = soak.start_flow(overrides(i), faults.env(oom_at_step=step), f"run{i}-oom")
     flow_run_id = soak.flow_run_id(lines)
     proc.wait()
+    # The training process announces each fault it injects; no announcement, no fault was met.
+    injected = any(f"fault injection ({faults.FAULTS_ENV}): oom_at_step={step}" in line for line in lines)
     problems = soak.check_run(flow_run_id)
     if not problems:
         tags = soak.mlflow_run(flow_run_id).data.tags
         if tags.get("train.micro_batch_size_used") != "2":
             problems.append(f"micro-batch after OOM: {tags.get('train.micro_batch_size_used')} (expected 2)")
-    return {"fault": f"OOM at step {step}", "flow_run": flow_run_id, "injected": True, "problems": problems}
+    return {"fault": f"OOM at step {step}", "flow_run": flow_run_id, "injected": injected, "problems": problems}
 
 
 def _training_process(flow: subprocess.Popen):
@@ -258,12 +261,12 @@ def _training_process(flow: subprocess.Popen):
 
 def kill_run(soak: Soak, i: int) -> dict:
     mid_checkpoint = soak.rng.random() < 0.4
-    faults, injected = {}, True
+    armed, injected = {}, True
     if mid_checkpoint:
         step = soak.rng.choice(range(2, STEPS + 1, 2))
-        faults["CHAT_DOCTOR_KILL_AT_SAVE"] = str(step)
+        armed = faults.env(kill_at_save=step)
         fault = f"SIGKILL while checkpoint-{step} is written"
-    proc, lines = soak.start_flow(overrides(i), faults, f"run{i}-kill")
+    proc, lines = soak.start_flow(overrides(i), armed, f"run{i}-kill")
     flow_run_id = soak.flow_run_id(lines)
     if not mid_checkpoint:
         step, delay = soak.rng.randint(1, STEPS), round(soak.rng.uniform(0, 1.5), 2)
@@ -287,7 +290,7 @@ def register_crash_run(soak: Soak, i: int) -> dict:
     """Through the served deployment, as users run it: the runner marks the killed run Crashed."""
     from chat_doctor.registry import versions_of_run
 
-    env = {**soak.env, "CHAT_DOCTOR_KILL_IN_REGISTER": "after-version"}
+    env = {**soak.env, **faults.env(kill_in_register="after-version")}
     server = soak._spawn([Path(sys.executable).name, "-m", "flows.deploy"], env=env, log=f"run{i}-serve.log")
     try:
         wait_for(lambda: not soak._spawn(["prefect", "deployment", "inspect", "finetune/default"]).wait(), "deploy")

@@ -1,18 +1,15 @@
-"""Trainer callbacks for the train step: MLflow logging, completed-checkpoint markers, fault injection."""
+"""Trainer callbacks for the train step: MLflow logging, progress lines, completed-checkpoint markers."""
 
 from __future__ import annotations
 
 import os
-import signal
 import time
 from pathlib import Path
 
+from chat_doctor import faults
 from chat_doctor.tracking import log_metrics
 
 COMPLETE = ".complete"  # written into a checkpoint folder once everything in it is on disk
-FAULT_ENV = "CHAT_DOCTOR_FAIL_AT_STEP"  # a plain failure at step N, once
-OOM_ENV = "CHAT_DOCTOR_OOM_AT_STEP"  # an out-of-memory error at step N, once
-KILL_ENV = "CHAT_DOCTOR_KILL_AT_SAVE"  # SIGKILL while checkpoint N is written (before it is marked), once
 
 
 def latest_checkpoint(checkpoints: Path) -> str | None:
@@ -50,14 +47,6 @@ class TokenRate:
 def callbacks(run_dir: Path, run_id: str | None) -> list:
     from transformers import TrainerCallback
 
-    def _inject(env: str, kind: str, step: int) -> bool:
-        """True once, at the step named by `env`; a marker in the run folder makes it one-shot."""
-        marker = run_dir / f".injected-{kind}"
-        if os.environ.get(env) == str(step) and not marker.exists():
-            marker.touch()
-            return True
-        return False
-
     class MarkComplete(TrainerCallback):
         """Trainer calls on_save after model, optimizer, scheduler, RNG and state are written."""
 
@@ -65,8 +54,6 @@ def callbacks(run_dir: Path, run_id: str | None) -> list:
             if not state.is_world_process_zero:
                 return  # the first process writes the checkpoint and marks it
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if _inject(KILL_ENV, "kill", state.global_step):
-                os.kill(os.getpid(), signal.SIGKILL)
             os.sync()
             (folder / COMPLETE).write_text(str(state.global_step))
 
@@ -107,18 +94,8 @@ def callbacks(run_dir: Path, run_id: str | None) -> list:
                 flush=True,
             )
 
-    class FaultInjector(TrainerCallback):
-        """Fails once at a chosen step (for retry tests and demos); a marker makes it one-shot."""
-
-        def on_step_end(self, args, state, control, **kwargs):
-            import torch
-
-            if _inject(OOM_ENV, "oom", state.global_step):
-                raise torch.OutOfMemoryError(f"CUDA out of memory (injected at step {state.global_step} by {OOM_ENV})")
-            if _inject(FAULT_ENV, "failure", state.global_step):
-                raise RuntimeError(f"injected failure at step {state.global_step} ({FAULT_ENV})")
-
-    return [MlflowLogger(), Progress(), MarkComplete(), FaultInjector()]
+    # Injected faults (opt-in, chat_doctor/faults.py) come before MarkComplete: see there.
+    return [MlflowLogger(), Progress(), *faults.trainer_callbacks(run_dir), MarkComplete()]
 
 
 PROFILE_ENV = "CHAT_DOCTOR_PROFILE"  # a folder: where the time of two training steps goes, per process

@@ -17,10 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import tempfile
 from pathlib import Path
 
+from chat_doctor import faults
 from chat_doctor.config import Config
 from chat_doctor.eval_report import markdown_summary, plot_chart
 from chat_doctor.files import content_hash, read_jsonl, write_json, write_jsonl, write_text
@@ -28,8 +28,6 @@ from chat_doctor.metrics import answer_figures
 from chat_doctor.modeling import base_location, device, load_adapter, load_base_model, load_tokenizer, resolve_dtype
 from chat_doctor.prompts import build_prompt
 from chat_doctor.tokenized import IGNORE_INDEX, load_split, tokenize_row
-
-EVAL_OOM_ENV = "CHAT_DOCTOR_EVAL_OOM_AT_BATCH"  # out-of-memory whenever the eval batch has this size
 
 
 def eval_loss(model, tokenizer, dataset, batch_size: int) -> float:
@@ -85,8 +83,7 @@ def with_smaller_batches(work, batch_size: int, what: str):
 
     while True:
         try:
-            if os.environ.get(EVAL_OOM_ENV) == str(batch_size):  # fault injection for tests and demos
-                raise torch.OutOfMemoryError(f"out of memory (injected by {EVAL_OOM_ENV} at batch {batch_size})")
+            faults.eval_out_of_memory(batch_size)  # opt-in fault injection: nothing unless armed
             return work(batch_size)
         except torch.OutOfMemoryError as err:
             if batch_size == 1:

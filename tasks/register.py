@@ -15,10 +15,9 @@ Loads back with `mlflow.transformers.load_model("models:/chat-doctor-adapter@cha
 from __future__ import annotations
 
 import json
-import os
-import signal
 from pathlib import Path
 
+from chat_doctor import faults
 from chat_doctor.config import Config
 from chat_doctor.eval_report import gate_models
 from chat_doctor.model_card import write_cards
@@ -34,7 +33,6 @@ from chat_doctor.registry import (
 from chat_doctor.tracking import client
 
 # What loading the logged model needs; listed so MLflow does not guess (and import torchvision).
-KILL_ENV = "CHAT_DOCTOR_KILL_IN_REGISTER"  # `after-version`: SIGKILL once mid-registration (fault injection)
 PIP_REQUIREMENTS = ["torch", "transformers", "peft", "accelerate", "bitsandbytes", "safetensors", "sentencepiece"]
 
 
@@ -94,14 +92,6 @@ def _clear_earlier_attempt(names: list[str], mlflow_run_id: str) -> dict[str, st
     return kept
 
 
-def _inject_kill(run_dir: Path) -> None:
-    """Fault injection (soak runs, tests): SIGKILL once, between creating a version and completing it."""
-    marker = run_dir / ".injected-register-kill"
-    if os.environ.get(KILL_ENV) == "after-version" and not marker.exists():
-        marker.touch()
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def _roll_back(created: list[tuple[str, str]], before: dict) -> None:
     mlflow_client = client()
     try:
@@ -153,7 +143,7 @@ def run_register(cfg: Config, mlflow_run_id: str, adapter: str, merged: str, eva
             uri = _log_model(cfg, mlflow_run_id, folder, kind).model_uri
             versions[name] = mlflow.register_model(uri, name, tags=tags).version
             created.append((name, versions[name]))
-            _inject_kill(Path(adapter).parent)
+            faults.kill_in_register(Path(adapter).parent)  # opt-in fault injection: nothing unless armed
             mlflow_client.update_model_version(name, versions[name], description=card)
             mlflow_client.set_model_version_tag(name, versions[name], REGISTRATION, "complete")
         # Aliases last: a version only becomes visible under an alias once everything else is in place.

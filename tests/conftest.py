@@ -1,5 +1,9 @@
-"""Shared fixtures: a throw-away copy of the project (its own git, DVC, MLflow store and runs) and a
-temporary Prefect server, so tests never touch the checkout's data, dvc.lock or mlflow.db."""
+"""Shared fixtures: a throw-away copy of the project (its own git, DVC, MLflow store and runs), a
+temporary Prefect server, and one project the flow has run in (`shared_run`) for the many tests
+that only read what a run leaves behind. Tests never touch the checkout's data, dvc.lock or mlflow.db.
+
+Tiers: `make test` runs everything but the tests marked `full` (each of those proves again, through
+another door, something a `make test` test proves too); `make test-all` runs them all."""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -61,12 +66,18 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return ensure_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-mistral")
 
 
+def new_project(dest: Path, tiny_model_dir: Path) -> Path:
+    """A copy of the project at `dest` with the tiny base already built."""
+    root = copy_project(dest)
+    (root / "models").mkdir()
+    shutil.copytree(tiny_model_dir, root / "models" / "tiny-mistral")
+    return root
+
+
 @pytest.fixture
 def project(tmp_path, monkeypatch, tiny_model_dir) -> Path:
     """A fresh copy of the project as the working directory, with the tiny base already built."""
-    root = copy_project(tmp_path / "project")
-    (root / "models").mkdir()
-    shutil.copytree(tiny_model_dir, root / "models" / "tiny-mistral")
+    root = new_project(tmp_path / "project", tiny_model_dir)
     monkeypatch.chdir(root)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return root
@@ -80,6 +91,74 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=None):
         yield PREFECT_API_URL.value()
+
+
+# The shared run: 10 steps, checkpoints every 5, four short answers per model.
+FAST = {
+    "train.max_steps": 10,
+    "train.logging_steps": 2,
+    "train.save_steps": 5,
+    "evaluate.rows": 4,
+    "evaluate.max_new_tokens": 16,
+}
+SHORTER = {**FAST, "train.max_steps": 2}  # the second run: fewer steps, so a worse adapter
+PLANTED_TOKEN = "hf_" + "PlantedSecretToken" * 2  # in the environment of the shared run, never to be written
+OOM_STEP = 7  # out-of-memory injected there in the first run: retried at half the micro-batch from checkpoint-5
+
+
+@dataclass(frozen=True)
+class SharedRun:
+    root: Path
+    first: object  # the flow run's final state (v1, champion)
+    second: object  # the same data, fewer steps (v2, candidate only)
+    base_hash: str  # the tiny base's content hash before anything trained on it
+    run_dir: Path  # the first run's folder: checkpoints, adapter, merged model, eval
+
+
+@pytest.fixture(scope="session")
+def shared_run(tmp_path_factory, tiny_model_dir, prefect_server) -> SharedRun:
+    """The flow run twice in one project, under the session's Prefect server, as a user would.
+
+    Run 1 (FAST) has a hub token in its environment and meets an injected out-of-memory at step 7
+    (Prefect retries `train` at half the micro-batch, resuming from checkpoint-5): it registers v1,
+    champion. Run 2 (SHORTER) takes its data steps from Prefect's cache and registers v2, which does
+    not beat v1 and stays candidate. Tests only read this project; one that changes the registry
+    puts it back, and one that needs to write works on a copy (`copy_of_shared`).
+    """
+    from chat_doctor import faults
+    from chat_doctor.files import content_hash
+    from flows.finetune import finetune
+
+    root = new_project(tmp_path_factory.mktemp("shared") / "project", tiny_model_dir)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        base_hash = content_hash(root / "models" / "tiny-mistral")
+        patch.setenv("HF_TOKEN", PLANTED_TOKEN)
+        patch.setenv("HUGGING_FACE_HUB_TOKEN", PLANTED_TOKEN)
+        with pytest.MonkeyPatch.context() as armed:
+            for name, value in faults.env(oom_at_step=OOM_STEP).items():
+                armed.setenv(name, value)
+            first = finetune(overrides=FAST, return_state=True)
+        assert first.is_completed(), first.message
+        (run_dir,) = [p.parent.parent for p in (root / "runs").glob("run-*/checkpoints/checkpoint-10")]
+        second = finetune(overrides=SHORTER, return_state=True)
+        assert second.is_completed(), second.message
+    return SharedRun(root, first, second, base_hash, run_dir)
+
+
+@pytest.fixture
+def shared(shared_run, monkeypatch) -> SharedRun:
+    """The shared run's project as the working directory (read it, do not change it)."""
+    monkeypatch.chdir(shared_run.root)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return shared_run
+
+
+def copy_of_shared(shared_run: SharedRun, dest: Path) -> Path:
+    """A copy of the shared project to change (its MLflow store still points at the original's
+    artifacts, which a copy only reads)."""
+    return Path(shutil.copytree(shared_run.root, dest, symlinks=True))
 
 
 def needs_real_rows():

@@ -1,10 +1,12 @@
 """The bad-input corpus: malformed data files and rows, wrong config values, bad command lines and
-parameters. Each fails the flow before training with a message that names the key, the file, the
-row or line and the field; nothing is trained, pushed to DVC's remote, registered or rewritten."""
+parameters. Each is refused before training with a message that names the key, the file, the row
+or line and the field; nothing is trained, pushed to DVC's remote, registered or rewritten.
+
+Every case goes through the functions the flow's steps call before training; a few of each kind
+also go through the flow, the command line and (tests/test_deployment.py) the served deployment."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +17,7 @@ import pytest
 from chat_doctor.config import build_config
 from chat_doctor.tracking import tracking_uri
 from tasks.sample import run_sample
-from tests.conftest import copy_project
+from tests.conftest import new_project
 
 GOOD = {"instruction": "i", "input": "I have a cough.", "output": "Drink warm fluids and rest."}
 
@@ -176,15 +178,30 @@ CONFIG_CASES = [
 
 
 @pytest.fixture(scope="module")
-def corpus_project(tmp_path_factory, tiny_model_dir, prefect_server):
+def corpus_project(tmp_path_factory, tiny_model_dir):
     """One copy of the project for the whole corpus (each case must leave it as it found it)."""
-    root = copy_project(tmp_path_factory.mktemp("corpus") / "project")
-    (root / "models").mkdir()
-    shutil.copytree(tiny_model_dir, root / "models" / "tiny-mistral")
+    root = new_project(tmp_path_factory.mktemp("corpus") / "project", tiny_model_dir)
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
         yield root
+
+
+def checks_before_training(overrides: dict, out: Path) -> str:
+    """What the flow runs before training, as the plain functions its steps call (validate the
+    config, sample, tokenize, read the eval source); the error it stops with, naming the problem."""
+    from chat_doctor.config import load_config
+    from tasks.eval_source import run_eval_source
+    from tasks.tokenize import run_tokenize
+
+    with pytest.raises(Exception) as err:
+        cfg = load_config("params.yaml", overrides)
+        processed = run_sample(cfg.data, out / "processed")
+        run_tokenize(cfg.tokenize, cfg.model, processed, out / "tokenized")
+        run_eval_source(cfg, processed["train"])
+    assert not (out / "processed").exists() and not (out / "tokenized").exists(), "half-written data left"
+    assert not Path("runs").exists()
+    return str(err.value)
 
 
 def fails_before_training(overrides: dict, data_steps_ran: bool = False) -> str:
@@ -207,17 +224,41 @@ def fails_before_training(overrides: dict, data_steps_ran: bool = False) -> str:
     return str(err.value)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(("case", "make", "cfg", "parts"), CASES, ids=[c[0] for c in CASES])
-def test_malformed_source_fails_the_flow_before_training(corpus_project, tmp_path, case, make, cfg, parts):
+def test_malformed_source_is_refused_before_training(corpus_project, tmp_path, case, make, cfg, parts):
+    message = checks_before_training(_data_overrides(make(tmp_path), cfg), tmp_path / "out")
+    for part in parts:
+        assert part in message, f"{case}: {part!r} not in {message}"
+
+
+@pytest.mark.parametrize(("case", "overrides", "parts"), CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
+def test_bad_config_is_refused_before_training(corpus_project, tmp_path, case, overrides, parts):
+    message = checks_before_training(overrides, tmp_path / "out")
+    for part in parts:
+        assert part in message, f"{case}: {part!r} not in {message}"
+    assert PLANTED not in message
+
+
+# Through the flow itself (each case a flow run that must stop before training): a few of each kind.
+FLOW_CASES = [c for c in CASES if c[0] in ("broken JSON line", "strict: empty answer", "every row invalid")]
+FLOW_CONFIG_CASES = [
+    c for c in CONFIG_CASES if c[0] in ("LoRA rank zero", "token in config", "more rows than the source")
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("case", "make", "cfg", "parts"), FLOW_CASES, ids=[c[0] for c in FLOW_CASES])
+def test_malformed_source_fails_the_flow_before_training(
+    corpus_project, prefect_server, tmp_path, case, make, cfg, parts
+):
     message = fails_before_training(_data_overrides(make(tmp_path), cfg))
     for part in parts:
         assert part in message, f"{case}: {part!r} not in {message}"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("case", "overrides", "parts"), CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
-def test_bad_config_fails_the_flow_before_training(corpus_project, case, overrides, parts):
+@pytest.mark.parametrize(("case", "overrides", "parts"), FLOW_CONFIG_CASES, ids=[c[0] for c in FLOW_CONFIG_CASES])
+def test_bad_config_fails_the_flow_before_training(corpus_project, prefect_server, case, overrides, parts):
     message = fails_before_training(overrides)
     for part in parts:
         assert part in message, f"{case}: {part!r} not in {message}"
@@ -257,27 +298,4 @@ def test_default_mode_drops_and_counts_what_strict_mode_rejects(tmp_path):
     assert report["rows_read"] == 4 and report["rows_kept"] == 2
 
 
-@pytest.mark.slow
-def test_bad_deployment_parameters_fail_before_training(project, prefect_server):
-    """`prefect deployment run finetune/default --param overrides=...` with bad values, as users type them."""
-    from tests.test_deployment import BIN, flow_run_id_of, flow_run_state, served_deployment
-
-    cases = [
-        ('{"lora.r": 0}', "`lora.r` = 0"),
-        ('{"data.source": "/no/such/rows.jsonl"}', "data.source: '/no/such/rows.jsonl' does not exist"),
-        (json.dumps({"model.token": PLANTED}), "unknown key `model.token`: secrets never go in params.yaml"),
-    ]
-    with served_deployment(prefect_server) as env:
-        for overrides, message in cases:
-            command = ["deployment", "run", "finetune/default", "--watch", "--param", f"overrides={overrides}"]
-            done = subprocess.run([BIN / "prefect", *command], env=env, capture_output=True, text=True, timeout=600)
-            assert done.returncode != 0, done.stdout
-            state = flow_run_state(flow_run_id_of(done.stdout))
-            assert state.is_failed() and message in state.message, (message, state.message)
-            assert PLANTED not in state.message
-        # Not a mapping of dotted keys: Prefect refuses the parameter before any run starts.
-        command = ["deployment", "run", "finetune/default", "--param", "overrides=[1, 2]"]
-        done = subprocess.run([BIN / "prefect", *command], env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode != 0 and "overrides" in done.stdout + done.stderr, done.stdout + done.stderr
-    assert not list(Path("runs").glob("run-*")) and not list(Path("dvc-remote").rglob("*.*"))
-    assert mlflow.MlflowClient(tracking_uri()).search_registered_models() == []
+# Bad deployment parameters (`prefect deployment run ... --param overrides=...`): tests/test_deployment.py.

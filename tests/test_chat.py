@@ -1,9 +1,9 @@
-"""The chat on a registered champion: the Gradio page in headless Chromium (Playwright), its API
-through gradio_client, the terminal chat, and the safe defaults (loopback only, optional login)."""
+"""The chat on a registered champion (the shared run's v1, tests/conftest.py), as a user meets it:
+one chat server with a login, as `make chat` starts it with CHAT_DOCTOR_UI_USER/PASSWORD set; the
+Gradio page in headless Chromium (Playwright), its API through gradio_client, the terminal chat,
+and the safe defaults (loopback only, login enforced, input bounded)."""
 
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from bench.processes import free_port
-from tests.conftest import QUICK_EVAL, copy_project
 
 pytestmark = pytest.mark.slow
 CHROMIUM = "/usr/bin/chromium"
@@ -23,39 +22,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
 QUESTION = "I have had a headache and a fever for two days. What should I do?"
-
-
-@pytest.fixture(scope="module")
-def champion_project(tmp_path_factory, tiny_model_dir) -> Path:
-    """A project copy whose registry holds a trained adapter as `champion`."""
-    from chat_doctor.config import load_config
-    from chat_doctor.tracking import start_run
-    from tasks.evaluate import run_evaluate
-    from tasks.merge import run_merge
-    from tasks.register import run_register
-    from tasks.sample import run_sample
-    from tasks.tokenize import run_tokenize
-    from tasks.train import run_train
-
-    root = copy_project(tmp_path_factory.mktemp("chat") / "project")
-    (root / "models").mkdir()
-    shutil.copytree(tiny_model_dir, root / "models" / "tiny-mistral")
-    before, env_uri = os.getcwd(), os.environ.pop("MLFLOW_TRACKING_URI", None)
-    os.chdir(root)
-    try:
-        cfg = load_config("params.yaml", {"data.rows": 40, "train.max_steps": 6, **QUICK_EVAL})
-        processed = run_sample(cfg.data)
-        tokenized = run_tokenize(cfg.tokenize, cfg.model, processed)
-        adapter = run_train(cfg, tokenized)["adapter"]
-        merged = run_merge(cfg, adapter)["merged"]
-        report = run_evaluate(cfg, tokenized["eval"], processed["eval"], merged)["report"]
-        registered = run_register(cfg, start_run("chat-doctor", "chat", {}, {}), adapter, merged, report, {})
-        assert registered["aliases"] == ["candidate", "champion"]
-    finally:
-        os.chdir(before)
-        if env_uri:
-            os.environ["MLFLOW_TRACKING_URI"] = env_uri
-    return root
+LOGIN = ("ann", "s3cret")
 
 
 def project_env(root: Path) -> dict[str, str]:
@@ -66,10 +33,11 @@ def project_env(root: Path) -> dict[str, str]:
 
 
 @contextmanager
-def served_chat(root: Path, *args: str, **env: str):
-    """`python -m app.chat` in the project; yields its URL once it answers."""
+def served_chat(root: Path, log_dir: Path, *args: str, **env: str):
+    """`python -m app.chat` in the project; yields (its URL, its process) once it answers."""
     port = free_port()
-    log = open(root / f"chat-{port}.log", "w")  # noqa: SIM115 (closed below)
+    log_path = log_dir / f"chat-{port}.log"
+    log = open(log_path, "w")  # noqa: SIM115 (closed below)
     server = subprocess.Popen(
         [sys.executable, "-m", "app.chat", "--port", str(port), *args],
         cwd=root,
@@ -81,7 +49,7 @@ def served_chat(root: Path, *args: str, **env: str):
     try:
         deadline = time.time() + 180
         while True:
-            assert server.poll() is None, (root / f"chat-{port}.log").read_text()[-3000:]
+            assert server.poll() is None, log_path.read_text()[-3000:]
             assert time.time() < deadline, "the chat never answered"
             try:
                 urllib.request.urlopen(url, timeout=2)
@@ -90,7 +58,7 @@ def served_chat(root: Path, *args: str, **env: str):
                 break  # it answers (a login page answers 401 to some paths)
             except OSError:
                 time.sleep(1)
-        yield url
+        yield url, server
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -98,18 +66,24 @@ def served_chat(root: Path, *args: str, **env: str):
 
 
 @pytest.fixture(scope="module")
-def chat_url(champion_project):
-    with served_chat(champion_project) as url:
-        yield url
+def chat_server(shared_run, tmp_path_factory):
+    user, password = LOGIN
+    logs = tmp_path_factory.mktemp("chat-logs")
+    with served_chat(shared_run.root, logs, CHAT_DOCTOR_UI_USER=user, CHAT_DOCTOR_UI_PASSWORD=password) as served:
+        yield served
 
 
-def test_browser_sees_the_disclaimer_the_card_and_a_streamed_answer(chat_url):
+def test_browser_logs_in_and_sees_the_disclaimer_the_card_and_a_streamed_answer(chat_server):
     from playwright.sync_api import sync_playwright
 
+    url, _ = chat_server
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         page = browser.new_page()
-        page.goto(chat_url, wait_until="domcontentloaded")
+        page.goto(url, wait_until="domcontentloaded")
+        page.get_by_label("username").fill(LOGIN[0])
+        page.get_by_label("password").fill(LOGIN[1])
+        page.get_by_role("button", name="Login").click()
         box = page.get_by_placeholder("Describe your symptoms")
         box.wait_for(timeout=60_000)
         assert "not medical advice" in page.locator("#disclaimer").inner_text()
@@ -134,10 +108,11 @@ def test_browser_sees_the_disclaimer_the_card_and_a_streamed_answer(chat_url):
     assert lengths[-1] == max(lengths)
 
 
-def test_api_answer_ends_cleanly_and_long_input_is_refused(chat_url):
+def test_api_answer_ends_cleanly_and_long_input_is_refused(chat_server):
     from gradio_client import Client
 
-    client = Client(chat_url, verbose=False)
+    url, _ = chat_server
+    client = Client(url, auth=LOGIN, verbose=False)
     result = client.predict(QUESTION, api_name="/answer")
     assert result["finish"] in ("eos", "limit")
     assert result["tokens"] == 125 if result["finish"] == "limit" else 0 < result["tokens"] < 125
@@ -150,11 +125,25 @@ def test_api_answer_ends_cleanly_and_long_input_is_refused(chat_url):
     assert len(job.outputs()) > 3 and final == job.outputs()[-1]
 
 
-def test_terminal_chat(champion_project):
+def test_binds_loopback_only_and_refuses_without_the_login(chat_server):
+    """The listening socket itself is on 127.0.0.1 (whatever other addresses the host has), and
+    the page and its API answer 401 without the login."""
+    import psutil
+
+    url, server = chat_server
+    port = int(url.rsplit(":", 1)[1].strip("/"))
+    listening = [c for c in psutil.Process(server.pid).net_connections("inet") if c.status == psutil.CONN_LISTEN]
+    assert [(c.laddr.ip, c.laddr.port) for c in listening if c.laddr.port == port] == [("127.0.0.1", port)]
+    with pytest.raises(urllib.error.HTTPError) as denied:
+        urllib.request.urlopen(url + "config", timeout=10)
+    assert denied.value.code == 401
+
+
+def test_terminal_chat(shared):
     done = subprocess.run(
         [sys.executable, "-m", "app.chat", "--terminal", "--model", "v1"],
-        cwd=champion_project,
-        env=project_env(champion_project),
+        cwd=shared.root,
+        env=project_env(shared.root),
         input=f"{'y' * 2001}\n{QUESTION}\n/quit\n",
         capture_output=True,
         text=True,
@@ -167,35 +156,10 @@ def test_terminal_chat(champion_project):
     assert "doctor> " in out and ("[stopped]" in out or "[reached max_new_tokens]" in out)
 
 
-def test_binds_loopback_only_and_login_when_asked(champion_project):
-    with served_chat(champion_project, CHAT_DOCTOR_UI_USER="ann", CHAT_DOCTOR_UI_PASSWORD="s3cret") as url:
-        with pytest.raises(urllib.error.HTTPError) as denied:
-            urllib.request.urlopen(url + "config", timeout=10)
-        assert denied.value.code == 401
-        port = int(url.rsplit(":", 1)[1].strip("/"))
-        outside = [a for a in socket.gethostbyname_ex(socket.gethostname())[2] if not a.startswith("127.")]
-        for address in outside:  # the machine's other addresses do not reach it
-            with socket.socket() as s, pytest.raises(OSError):
-                s.settimeout(3)
-                s.connect((address, port))
-        from gradio_client import Client
+def test_a_missing_version_or_folder_is_a_clear_error(shared):
+    from app.chat import main
 
-        answer = Client(url, auth=("ann", "s3cret"), verbose=False).predict(QUESTION, api_name="/answer")
-        assert answer["finish"] in ("eos", "limit")
-
-
-def test_a_missing_version_or_folder_is_a_clear_error(champion_project):
-    for model, message in (
-        ("v7", "chat-doctor-adapter: no version 7"),
-        ("./nowhere", "chat.model: './nowhere': no such folder"),
-    ):
-        done = subprocess.run(
-            [sys.executable, "-m", "app.chat", "--terminal", "--model", model],
-            cwd=champion_project,
-            env=project_env(champion_project),
-            input="",
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert done.returncode != 0 and message in done.stderr, done.stderr[-1000:]
+    with pytest.raises(SystemExit, match="chat-doctor-adapter: no version 7"):
+        main(["--terminal", "--model", "v7"])
+    with pytest.raises(FileNotFoundError, match=r"chat.model: './nowhere': no such folder"):
+        main(["--terminal", "--model", "./nowhere"])

@@ -16,7 +16,7 @@ from tasks.train import launch_command, run_train
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pack_length", [0, 512], ids=["rows", "token-bins"])
+@pytest.mark.parametrize("pack_length", [pytest.param(0, marks=pytest.mark.full), 512], ids=["rows", "token-bins"])
 def test_two_processes_train_one_adapter_at_the_same_effective_batch(project, capsys, pack_length):
     cfg = load_config(
         "params.yaml",

@@ -1,5 +1,6 @@
 """The `finetune` flow end to end on the embedded default, under a real (temporary) Prefect server,
-with the project's own DVC repo and MLflow store: values, files and registry entries."""
+with the project's own DVC repo and MLflow store: values, files and registry entries. Most of it
+reads the session's shared run (tests/conftest.py: two flow runs in one project)."""
 
 import json
 import subprocess
@@ -13,16 +14,10 @@ import yaml
 from bench.processes import task_states
 from chat_doctor.config import flatten, load_config
 from chat_doctor.tracking import tracking_uri
-from tests.conftest import REAL_ROWS, needs_real_rows
+from tests.conftest import FAST, REAL_ROWS, SHORTER, copy_of_shared, needs_real_rows
 
 pytestmark = pytest.mark.slow
-FAST = {
-    "train.max_steps": 10,
-    "train.logging_steps": 2,
-    "train.save_steps": 5,
-    "evaluate.rows": 4,
-    "evaluate.max_new_tokens": 16,
-}
+METRICS = ("loss", "perplexity", "rougeL", "similarity", "eos_rate", "repetition", "words")
 
 
 def dvc_status() -> dict:
@@ -32,42 +27,43 @@ def dvc_status() -> dict:
         return repo.status()
 
 
-def test_flow_trains_registers_and_versions_data(project, prefect_server):
-    from flows.finetune import finetune
-
-    state = finetune(overrides=FAST, return_state=True)
-    assert state.is_completed(), state.message
-    result = state.result()
+def test_flow_trains_registers_and_versions_data(shared):
+    result = shared.first.result()
     assert result["version"] == 1 and result["uri"] == "models:/chat-doctor-adapter/1"
     assert result["aliases"] == ["candidate", "champion"]  # beats the base, and there is no champion yet
 
     client = mlflow.MlflowClient(tracking_uri())
-    assert tracking_uri() == f"sqlite:///{project / 'mlflow.db'}"
-    version = client.get_model_version_by_alias("chat-doctor-adapter", "candidate")
-    assert int(version.version) == 1
+    assert tracking_uri() == f"sqlite:///{shared.root / 'mlflow.db'}"
+    version = client.get_model_version("chat-doctor-adapter", "1")
     run = client.get_run(version.run_id)
     assert run.info.status == "FINISHED"
-    # The whole config is on the run as params.
+    # The whole config is on the run as params (as configured: the OOM retry's split is a tag).
     cfg = load_config("params.yaml", FAST)
     assert {k: str(v) for k, v in flatten(cfg).items()}.items() <= run.data.params.items()
     assert run.data.params["train.effective_batch_size"] == "8"  # micro-batch 4 x accumulation 2
     assert "train/peak_memory_gib" in run.data.metrics and "train/tokens_per_s" in run.data.metrics
     assert any(key.startswith("system/") for key in run.data.metrics), "no system metrics sampled"
-    # Train loss per logging step, with no gap.
+    # Out of memory at step 7: Prefect retried `train` at half the micro-batch and twice the
+    # accumulation, which resumed from checkpoint-5. Loss per logging step: 2, 4, 6 from the first
+    # attempt, then 6 (again), 8, 10; no gap, no restart from step 0.
+    assert run.data.tags["train.micro_batch_size_used"] == "2" and run.data.tags["train.grad_accum_used"] == "4"
     losses = client.get_metric_history(run.info.run_id, "train/loss")
-    assert [m.step for m in losses] == [2, 4, 6, 8, 10]
+    assert [m.step for m in losses] == [2, 4, 6, 6, 8, 10]
     assert losses[-1].value < losses[0].value
+    assert (shared.run_dir / ".injected-oom_at_step").is_file()  # the fault fired (once: a marker)
+    last_attempt = json.loads((shared.run_dir / "attempt.json").read_text())["config"]["train"]
+    assert (last_attempt["micro_batch_size"], last_attempt["grad_accum"]) == (2, 4)
+    assert json.loads((shared.run_dir / "micro_batch.json").read_text()) == {"micro_batch_size": 2, "grad_accum": 4}
     # Eval: every figure for base and tuned; the report on disk says the same as MLflow.
     metrics = run.data.metrics
     assert metrics["eval/tuned_loss"] < metrics["eval/base_loss"]
-    run_dir = next(Path("runs").glob("run-*"))
-    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    report = json.loads((shared.run_dir / "eval" / "report.json").read_text())
     for model in ("base", "tuned"):
         figures = report["sets"]["eval_split"]["models"][model]
-        for metric in ("loss", "perplexity", "rougeL", "similarity", "eos_rate", "repetition", "words"):
+        for metric in METRICS:
             assert figures[metric] == pytest.approx(metrics[f"eval/{model}_{metric}"]), (model, metric)
     assert report["sets"]["eval_split"]["rows"] == 40 and report["generation"]["max_new_tokens"] == 16
-    assert len((run_dir / "eval" / "samples.jsonl").read_text().splitlines()) == 4
+    assert len((shared.run_dir / "eval" / "samples.jsonl").read_text().splitlines()) == 4
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
     assert {
         "eval/report.json",
@@ -79,52 +75,47 @@ def test_flow_trains_registers_and_versions_data(project, prefect_server):
     assert version.tags["eval.tuned.rougeL"] and version.tags["eval.key"] == report["eval_key"]
     assert "Chat-Doctor" not in version.description and "not medical advice" in version.description.lower()
     # Checkpoints every 5 steps, adapter and merged model on disk.
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-10", "checkpoint-5"]
-    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
-    assert (run_dir / "merged" / "model.safetensors").is_file()
+    checkpoints = shared.run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-10", "checkpoint-5"]
+    assert (shared.run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert (shared.run_dir / "merged" / "model.safetensors").is_file()
     # Lineage: dvc.lock's data hashes, the flow run and the commit are on the version.
     lock = yaml.safe_load(Path("dvc.lock").read_text())["stages"]
     for stage, path in (("sample", "data/processed"), ("tokenize", "data/tokenized")):
         assert version.tags[f"dvc.{path}"] == lock[stage]["outs"][0]["md5"]
         assert run.data.tags[f"dvc.{path}"] == lock[stage]["outs"][0]["md5"]
-    assert version.tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)
+    assert version.tags["prefect.flow_run_id"] == str(shared.first.state_details.flow_run_id)
     assert len(version.tags["git_commit"]) >= 40
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "data/processed")}
     assert artifacts == {"data/processed/report.json"}
     assert dvc_status() == {}
-    changed = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout
+    git_status = ["git", "status", "--porcelain", "--untracked-files=no"]
+    changed = subprocess.run(git_status, capture_output=True, text=True).stdout
     assert changed == "", f"the flow changed tracked files (is the committed dvc.lock stale? run dvc repro):\n{changed}"
     assert list(Path("dvc-remote").rglob("*")), "dvc push left the default remote empty"
     # The registered adapter loads back from the alias, with the trained weights.
-    loaded = mlflow.transformers.load_model("models:/chat-doctor-adapter@candidate", return_type="components")
+    loaded = mlflow.transformers.load_model("models:/chat-doctor-adapter@champion", return_type="components")
     from safetensors.torch import load_file
 
-    saved = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    saved = load_file(shared.run_dir / "adapter" / "adapter_model.safetensors")
     lora_b = next(k for k in saved if "lora_B" in k)
     assert saved[lora_b].abs().sum() > 0  # lora_B starts at zero: non-zero means it trained
     live = dict(loaded["model"].named_parameters())
     assert any(name.endswith(lora_b.removesuffix(".weight") + ".default.weight") for name in live)
 
-    # Same inputs again: the data steps come from Prefect's cache, training resumes at its end.
-    again = finetune(overrides=FAST, return_state=True)
-    assert again.is_completed()
-    states = task_states(again.state_details.flow_run_id)
+
+def test_a_second_run_reuses_the_data_and_its_worse_adapter_stays_candidate(shared):
+    """Same data, fewer steps: the data steps come from Prefect's cache; v2 does not beat v1."""
+    states = task_states(shared.second.state_details.flow_run_id)
     assert states["sample"] == "Cached" and states["tokenize"] == "Cached"
-    assert again.result()["version"] == 2
-    assert int(client.get_model_version_by_alias("chat-doctor-adapter", "candidate").version) == 2
-
-
-def test_the_better_run_is_champion_the_worse_stays_candidate(project, prefect_server):
-    from flows.finetune import finetune
-
-    better = finetune(overrides=FAST, return_state=True).result()
-    worse = finetune(overrides={**FAST, "train.max_steps": 2}, return_state=True).result()
-    assert (better["version"], better["aliases"]) == (1, ["candidate", "champion"])
+    assert states["train"] == states["register"] == "Completed"
+    worse = shared.second.result()
     assert (worse["version"], worse["aliases"]) == (2, ["candidate"])
     client = mlflow.MlflowClient(tracking_uri())
     champion = client.get_model_version_by_alias("chat-doctor-adapter", "champion")
     candidate = client.get_model_version_by_alias("chat-doctor-adapter", "candidate")
     assert (int(champion.version), int(candidate.version)) == (1, 2)
+    assert client.get_run(candidate.run_id).data.params["train.max_steps"] == str(SHORTER["train.max_steps"])
     champion_loss = float(champion.tags["eval.tuned.loss"])
     assert float(candidate.tags["eval.tuned.loss"]) > champion_loss
     assert candidate.tags["promotion.decision"] == "not promoted"
@@ -133,12 +124,16 @@ def test_the_better_run_is_champion_the_worse_stays_candidate(project, prefect_s
     assert candidate.tags["eval.key"] == champion.tags["eval.key"]
     assert "Not promoted to `champion`" in candidate.description
 
-    # The registry by hand, as a user would from a shell.
+
+def test_the_registry_by_hand(shared, tmp_path):
+    """chat-doctor-models as a user runs it from a shell; the champion is put back at the end."""
+
     def models(*args):
         done = subprocess.run([sys.executable, "-m", "chat_doctor.registry", *args], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
         return done.stdout
 
+    client = mlflow.MlflowClient(tracking_uri())
     listing = models("list").splitlines()
     assert listing[1].split()[:2] == ["v1", "champion"] and "there was no champion" in listing[1]
     assert listing[2].split()[:2] == ["v2", "candidate"] and "does not beat champion v1's" in listing[2]
@@ -148,8 +143,48 @@ def test_the_better_run_is_champion_the_worse_stays_candidate(project, prefect_s
     assert promoted.tags["promotion.manual"] == "champion by hand: answers read better"
     assert models("demote", "champion") == "chat-doctor-adapter@champion removed (was v2)\n"
     assert client.get_registered_model("chat-doctor-adapter").aliases == {"candidate": 2}
-    adapter = Path(models("download", "v1", "--to", "fetched").strip())
+    adapter = Path(models("download", "v1", "--to", str(tmp_path / "fetched")).strip())
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    assert models("promote", "1", "--reason", "back as it was") == "chat-doctor-adapter@champion -> v1\n"
+    assert client.get_registered_model("chat-doctor-adapter").aliases == {"candidate": 2, "champion": 1}
+
+
+@needs_real_rows()
+def test_an_eval_source_of_real_rows_rescores_the_champion_on_them(shared, tmp_path, monkeypatch):
+    """`evaluate.source` = a JSONL of real rows: base, tuned and the champion are scored on those
+    rows (the champion's registered figures come from other rows) and promotion is judged there."""
+    import datasets
+
+    from chat_doctor.registry import champion_record
+    from chat_doctor.tracking import start_run
+    from tasks.eval_source import run_eval_source
+    from tasks.evaluate import log_evaluation, run_evaluate
+    from tasks.register import promotion
+
+    monkeypatch.chdir(copy_of_shared(shared, tmp_path / "project"))
+    held_out = tmp_path / "held_out_real.jsonl"
+    datasets.load_from_disk(str(REAL_ROWS)).select(range(60)).to_json(str(held_out), lines=True)
+    cfg = load_config("params.yaml", {**FAST, "evaluate.source": str(held_out)})
+    source = run_eval_source(cfg, "data/processed/train.jsonl")
+    champion = champion_record(cfg.registry.model_name, cfg.registry.champion_alias)
+    merged = Path("runs") / shared.run_dir.name / "merged"  # v1's merged model: the champion, merged
+    paths = run_evaluate(cfg, "data/tokenized/eval.arrow", "data/processed/eval.jsonl", str(merged), source, champion)
+    report = json.loads(Path(paths["report"]).read_text())
+    assert report["gate_set"] == "source"
+    assert report["champion"] == {"version": 1, "figures": "scored again on these rows"}
+    real = report["sets"]["source"]
+    assert real["cleaning"]["rows_read"] == 60 and real["rows"] == real["cleaning"]["rows_kept"] > 50
+    for model in ("base", "tuned", "champion"):
+        assert set(METRICS) <= set(real["models"][model]), model
+    # The champion (v1's adapter on the base, from the registry) is the merged model scored as tuned.
+    assert real["models"]["champion"]["loss"] == pytest.approx(real["models"]["tuned"]["loss"], rel=1e-4)
+    promoted, reason = promotion(cfg, report)
+    assert not promoted and "champion v1" in reason  # equal is not better
+    run_id = start_run("chat-doctor", "eval-source", {}, {})
+    log_evaluation(run_id, paths)
+    run_metrics = mlflow.MlflowClient(tracking_uri()).get_run(run_id).data.metrics
+    assert run_metrics["eval_source/tuned_loss"] == pytest.approx(real["models"]["tuned"]["loss"])
+    assert "eval/tuned_loss" in run_metrics  # the eval split is still reported
 
 
 @needs_real_rows()

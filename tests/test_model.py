@@ -1,6 +1,9 @@
-"""Model behaviour on the tiny base: 4-bit QLoRA trains the adapter only, resumes, and merges exactly."""
+"""Model behaviour on the tiny base: 4-bit QLoRA trains the adapter only, resumes, merges exactly,
+and packed rows attend only within themselves. The trained adapter is the shared run's
+(tests/conftest.py); tests that write get a copy of it."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,21 +16,9 @@ from tasks.merge import run_merge
 from tasks.sample import run_sample
 from tasks.tokenize import run_tokenize
 from tasks.train import run_train, train_in_process
-from tests.conftest import REAL_ROWS, needs_real_rows
+from tests.conftest import FAST, REAL_ROWS, copy_of_shared, needs_real_rows
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def trained(project):
-    cfg = load_config(
-        "params.yaml",
-        {"data.rows": 40, "train.max_steps": 4, "train.save_steps": 2, "train.logging_steps": 1, "lora.r": 4},
-    )
-    processed = run_sample(cfg.data)
-    tokenized = run_tokenize(cfg.tokenize, cfg.model, processed)
-    base_hash = content_hash(Path("models/tiny-mistral"))
-    return cfg, tokenized, run_train(cfg, tokenized), base_hash
 
 
 def test_base_loads_in_4bit_through_bitsandbytes(project):
@@ -42,38 +33,56 @@ def test_base_loads_in_4bit_through_bitsandbytes(project):
     assert q_proj.weight.dtype == torch.float32  # packed 4-bit storage in the compute dtype
 
 
-def test_training_changes_the_adapter_and_not_the_base(trained):
-    _cfg, _, out, base_hash = trained
-    weights = load_file(Path(out["adapter"]) / "adapter_model.safetensors")
+def test_training_changes_the_adapter_and_not_the_base(shared):
+    adapter = shared.run_dir / "adapter"
+    weights = load_file(adapter / "adapter_model.safetensors")
     lora_b = [w for name, w in weights.items() if "lora_B" in name]
     assert len(lora_b) == 4 * 7  # every target module of every layer has an adapter
     assert all(w.abs().sum() > 0 for w in lora_b)  # B starts at zero; all of them moved
-    assert content_hash(Path("models/tiny-mistral")) == base_hash
-    saved_cfg = json.loads((Path(out["adapter"]) / "chat_doctor_config.json").read_text())
-    assert saved_cfg["lora"]["r"] == 4
+    assert content_hash(Path("models/tiny-mistral")) == shared.base_hash
+    saved_cfg = json.loads((adapter / "chat_doctor_config.json").read_text())
+    assert saved_cfg["lora"]["r"] == 16 and saved_cfg["train"]["max_steps"] == FAST["train.max_steps"]
 
 
-def test_rerun_resumes_from_the_last_checkpoint(trained):
-    cfg, tokenized, out, _ = trained
-    assert sorted(p.name for p in (Path(out["run_dir"]) / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+def test_rerun_resumes_from_the_last_checkpoint(shared, tmp_path, monkeypatch):
+    monkeypatch.chdir(copy_of_shared(shared, tmp_path / "project"))
+    cfg = load_config("params.yaml", FAST)
+    tokenized = {"train": "data/tokenized/train.arrow"}
+    run_dir = Path("runs") / shared.run_dir.name
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-10", "checkpoint-5"]
     again = run_train(cfg, tokenized)
-    assert again["run_dir"] == out["run_dir"]
-    assert again["resumed_from"].endswith("checkpoint-4")
+    assert again["run_dir"] == str(run_dir)  # same data and settings: the same folder
+    assert again["resumed_from"].endswith("checkpoint-10")
 
 
-def test_merged_weights_equal_base_plus_lora_delta(trained):
-    cfg, _, out, _ = trained
-    merged = run_merge(cfg, out["adapter"])
-    assert merged["logit_error"] < 1e-5
+def test_merged_weights_equal_base_plus_lora_delta(shared):
+    cfg = load_config("params.yaml", FAST)
     base = load_file("models/tiny-mistral/model.safetensors")
-    adapter = load_file(Path(out["adapter"]) / "adapter_model.safetensors")
-    result = load_file(Path(merged["merged"]) / "model.safetensors")
+    adapter = load_file(shared.run_dir / "adapter" / "adapter_model.safetensors")
+    result = load_file(shared.run_dir / "merged" / "model.safetensors")
     name = "model.layers.1.mlp.down_proj"
     a = next(w for k, w in adapter.items() if f"{name}.lora_A" in k)
     b = next(w for k, w in adapter.items() if f"{name}.lora_B" in k)
     expected = base[f"{name}.weight"] + (cfg.lora.alpha / cfg.lora.r) * b @ a
     torch.testing.assert_close(result[f"{name}.weight"], expected, rtol=1e-5, atol=1e-6)
     assert not torch.equal(result[f"{name}.weight"], base[f"{name}.weight"])
+
+
+def _packed_batch(cfg, monkeypatch) -> dict:
+    """One training step with packing; the batch exactly as the model received it."""
+    import transformers
+
+    tokenized = run_tokenize(cfg.tokenize, cfg.model, run_sample(cfg.data))
+    seen = []
+
+    class RecordingTrainer(transformers.Trainer):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            seen.append({**{k: v.detach().clone() for k, v in inputs.items()}, "use_cache": model.config.use_cache})
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(transformers, "Trainer", RecordingTrainer)
+    train_in_process(cfg, tokenized)
+    return seen[0]
 
 
 @pytest.mark.parametrize(
@@ -85,86 +94,105 @@ def test_merged_weights_equal_base_plus_lora_delta(trained):
     ids=["synthetic", "real-rows"],
 )
 def test_packed_batches_attend_only_within_a_row(project, monkeypatch, source):
-    """With train.packing the model gets one concatenated row whose position ids restart at every
-    example and no attention mask; its logits equal those of each example alone."""
-    import itertools
+    """With train.packing the model gets one concatenated sequence whose position ids restart at
+    every row, and no attention mask. Each row's logits must then be those of the row alone, and
+    changing one row's tokens must change its own logits and no other row's.
 
-    import transformers
-    from peft import PeftModel
+    Checked on the base in fp32 without quantization: bitsandbytes' 4-bit CPU kernels compute in
+    bf16 on CPUs with AVX512-BF16, where packed and alone differ by ~1e-3 from rounding alone; in
+    fp32 they agree to ~1e-6 on any x86 CPU, so a tolerance of 1e-4 separates rounding from a leak
+    (which moves logits by ~1e-1). The last check shows that a leak is caught."""
+    import itertools
 
     from chat_doctor.modeling import load_base_model
 
     overrides = {"data.source": source, "data.rows": 20, "train.max_steps": 1, "train.packing": True, "lora.r": 4}
     cfg = load_config("params.yaml", overrides)
-    processed = run_sample(cfg.data)
-    tokenized = run_tokenize(cfg.tokenize, cfg.model, processed)
-    seen = []
-
-    class RecordingTrainer(transformers.Trainer):
-        """Records the batch exactly as the model receives it."""
-
-        def compute_loss(self, model, inputs, *args, **kwargs):
-            seen.append({**{k: v.detach().clone() for k, v in inputs.items()}, "use_cache": model.config.use_cache})
-            return super().compute_loss(model, inputs, *args, **kwargs)
-
-    monkeypatch.setattr(transformers, "Trainer", RecordingTrainer)
-    out = train_in_process(cfg, tokenized)
-    batch = seen[0]
+    batch = _packed_batch(cfg, monkeypatch)
     assert "attention_mask" not in batch and batch["use_cache"] is False
     positions, ids = batch["position_ids"][0], batch["input_ids"][0]
     starts = (positions == 0).nonzero().flatten().tolist()
     assert len(starts) == cfg.train.micro_batch_size
     assert all(ids[s].item() == 1 for s in starts)  # every example starts with BOS at position 0
     assert all(batch["labels"][0][s].item() == -100 for s in starts)  # nothing predicted across a boundary
+    rows = list(itertools.pairwise([*starts, len(ids)]))
 
-    model = PeftModel.from_pretrained(load_base_model(cfg.model, quantized=True), out["adapter"])
-    with torch.no_grad():
-        packed = model(input_ids=ids[None], position_ids=positions[None], use_cache=False).logits[0]
-        for start, end in itertools.pairwise([*starts, len(ids)]):
-            alone = model(input_ids=ids[None, start:end], use_cache=False).logits[0]
-            torch.testing.assert_close(packed[start:end], alone, rtol=1e-4, atol=1e-4)
+    model = load_base_model(cfg.model.model_copy(update={"compute_dtype": "float32"}), quantized=False)
+    assert next(model.parameters()).dtype == torch.float32
+
+    def logits(input_ids, position_ids=None):
+        with torch.no_grad():
+            return model(input_ids=input_ids[None], position_ids=position_ids, use_cache=False).logits[0]
+
+    packed = logits(ids, positions[None])
+    for start, end in rows:
+        torch.testing.assert_close(packed[start:end], logits(ids[start:end]), rtol=1e-4, atol=1e-4)
+    # Other tokens in row 0 (same length, its BOS kept): row 0's logits change, the others' do not.
+    (start, end), others = rows[0], rows[1:]
+    changed = ids.clone()
+    changed[start + 1 : end] = torch.roll(changed[start + 1 : end], 1)
+    assert not torch.equal(changed, ids)
+    after = logits(changed, positions[None])
+    assert (after[start:end] - packed[start:end]).abs().max() > 1e-2
+    for start, end in others:
+        torch.testing.assert_close(after[start:end], packed[start:end], rtol=1e-5, atol=1e-5)
+    # A leak is caught: position ids that do not restart let later rows attend to earlier ones.
+    leaking = logits(ids, torch.arange(len(ids))[None])
+    start, end = others[0]
+    assert (leaking[start:end] - logits(ids[start:end])).abs().max() > 1e-2
 
 
-def test_a_wrong_merge_fails_and_saves_nothing(trained, monkeypatch):
+def _copy_of_run(shared, dest: Path) -> Path:
+    """The shared run's adapter, merged model and eval outputs in a folder of their own."""
+    for name in ("adapter", "merged", "eval"):
+        shutil.copytree(shared.run_dir / name, dest / name)
+    return dest
+
+
+def test_merge_checks_its_logits_and_a_wrong_merge_saves_nothing(shared, tmp_path, monkeypatch):
     from peft.tuners.tuners_utils import BaseTuner
 
     from tasks.merge import MergeMismatch
 
-    cfg, _, out, _ = trained
+    cfg = load_config("params.yaml", FAST)
+    run = tmp_path / "run"
+    shutil.copytree(shared.run_dir / "adapter", run / "adapter")
+    merged = run_merge(cfg, str(run / "adapter"))
+    assert merged["logit_error"] < 1e-5 and merged["merged"] == str(run / "merged")
+    shutil.rmtree(run / "merged")
     monkeypatch.setattr(BaseTuner, "merge_and_unload", lambda self, *a, **k: self.unload())  # adapter dropped
     with pytest.raises(MergeMismatch, match=r"merged logits differ from base \+ adapter by .* not saved"):
-        run_merge(cfg, out["adapter"])
-    assert not (Path(out["run_dir"]) / "merged").exists()
+        run_merge(cfg, str(run / "adapter"))
+    assert not (run / "merged").exists()
 
 
-def test_evaluation_report_and_all_or_nothing_registration(trained, monkeypatch):
+def test_evaluation_report_and_all_or_nothing_registration(shared, tmp_path, monkeypatch):
+    """The shared run's evaluation files; then its adapter and merged model registered again in a
+    store of their own, where a failure while moving the aliases must leave nothing behind."""
     import mlflow
 
     from chat_doctor.config import METRICS
     from chat_doctor.model_card import DISCLAIMER
     from chat_doctor.tracking import start_run, tracking_uri
-    from tasks.evaluate import run_evaluate
     from tasks.register import run_register
 
-    cfg, tokenized, out, _ = trained
-    cfg = cfg.model_copy(
-        update={
-            "evaluate": cfg.evaluate.model_copy(update={"rows": 3, "max_new_tokens": 8}),
-            "registry": cfg.registry.model_copy(update={"register_merged": True}),
-        }
-    )
-    merged = run_merge(cfg, out["adapter"], {"dvc.data/processed": "0123abcd"})
-    paths = run_evaluate(cfg, tokenized["eval"], "data/processed/eval.jsonl", merged["merged"])
-    report = json.loads(Path(paths["report"]).read_text())
+    cfg = load_config("params.yaml", {**FAST, "registry.register_merged": True})
+    eval_dir = shared.run_dir / "eval"
+    report = json.loads((eval_dir / "report.json").read_text())
     figures = report["sets"]["eval_split"]["models"]
     for model in ("base", "tuned"):
         assert set(METRICS) | {"words"} <= set(figures[model]), model
     assert figures["tuned"]["loss"] < figures["base"]["loss"]
-    samples = [json.loads(line) for line in Path(paths["samples"]).read_text().splitlines()]
-    assert len(samples) == 3 and all(len(s["tuned"]["answer"].split()) <= 8 for s in samples)
-    assert Path(paths["chart"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| tuned |" in Path(paths["summary"]).read_text()
+    samples = [json.loads(line) for line in (eval_dir / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and all(len(s["tuned"]["answer"].split()) <= 16 for s in samples)
+    assert (eval_dir / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| tuned |" in (eval_dir / "summary.md").read_text()
 
+    run = _copy_of_run(shared, tmp_path / "run")
+    out, merged, paths = {"adapter": str(run / "adapter")}, {"merged": str(run / "merged")}, {}
+    paths["report"] = str(run / "eval" / "report.json")
+    (tmp_path / "store").mkdir()
+    monkeypatch.chdir(tmp_path / "store")  # a fresh sqlite store with its artifacts beside it
     run_id = start_run("chat-doctor", "test", {}, {})
     lineage = {"dvc.data/processed": "0123abcd", "git_commit": "f" * 40}
     first = run_register(cfg, run_id, out["adapter"], merged["merged"], paths["report"], lineage)

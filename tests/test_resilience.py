@@ -1,63 +1,80 @@
 """Training that survives: out-of-memory retried by Prefect with half the micro-batch and the same
-effective batch, and a SIGKILLed training resumed from its last complete checkpoint."""
+effective batch (the shared run meets one: tests/test_flow.py), a stop with what to change when
+micro-batch 1 does not fit, evaluation that halves its batch, and a SIGKILLed training resumed from
+its last complete checkpoint."""
 
-import json
 from pathlib import Path
 
-import mlflow
 import pytest
 
-from bench.processes import task_states
-from chat_doctor.tracking import tracking_uri
+from chat_doctor import faults
 from tests.conftest import QUICK_EVAL
 
-pytestmark = pytest.mark.slow
 STEPS = {"train.max_steps": 6, "train.save_steps": 2, "train.logging_steps": 1, **QUICK_EVAL}
 
 
-def _run(client):
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], order_by=["start_time ASC"])
-    return runs
+def arm(monkeypatch, **armed) -> None:
+    for name, value in faults.env(**armed).items():
+        monkeypatch.setenv(name, value)
 
 
-def test_oom_is_retried_with_half_the_micro_batch_and_resumes(project, prefect_server, monkeypatch):
-    from flows.finetune import finetune
-
-    monkeypatch.setenv("CHAT_DOCTOR_OOM_AT_STEP", "3")
-    overrides = {**STEPS, "train.micro_batch_size": 4, "train.grad_accum": 2}
-    state = finetune(overrides=overrides, return_state=True)
-    assert state.is_completed(), state.message
-    client = mlflow.MlflowClient(tracking_uri())
-    (run,) = _run(client)
-    assert run.data.tags["train.micro_batch_size_used"] == "2" and run.data.tags["train.grad_accum_used"] == "4"
-    # No gap and no restart: steps 1-2 from the first attempt, 3-6 resumed from checkpoint-2.
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4, 5, 6]
-    run_dir = next(Path("runs").glob("run-*"))
-    last_attempt = json.loads((run_dir / "attempt.json").read_text())["config"]["train"]
-    assert (last_attempt["micro_batch_size"], last_attempt["grad_accum"]) == (2, 4)
-    assert json.loads((run_dir / "micro_batch.json").read_text()) == {"micro_batch_size": 2, "grad_accum": 4}
-    assert task_states(state.state_details.flow_run_id)["train"] == "Completed"
-
-
+@pytest.mark.slow
 def test_out_of_memory_at_micro_batch_one_says_what_to_change(project, prefect_server, monkeypatch):
     from flows.finetune import finetune
 
-    monkeypatch.setenv("CHAT_DOCTOR_OOM_AT_STEP", "1")
+    arm(monkeypatch, oom_at_step=1)
     state = finetune(overrides={**STEPS, "train.micro_batch_size": 1, "train.grad_accum": 8}, return_state=True)
     assert state.is_failed()
     with pytest.raises(Exception, match=r"out of memory at train\.micro_batch_size = 1.*tokenize\.max_length"):
         state.result()
 
 
+@pytest.mark.slow
+def test_sigkill_while_a_checkpoint_is_written_resumes_from_the_one_before(project, monkeypatch):
+    """SIGKILL while checkpoint-4 is written: that checkpoint is left unmarked, and the next attempt
+    resumes from checkpoint-2 and finishes."""
+    from chat_doctor.config import load_config
+    from chat_doctor.train_callbacks import COMPLETE
+    from tasks.sample import run_sample
+    from tasks.tokenize import run_tokenize
+    from tasks.train import TrainingFailed, run_train
+
+    arm(monkeypatch, kill_at_save=4)
+    cfg = load_config("params.yaml", {"data.rows": 40, "lora.r": 4, **STEPS})
+    tokenized = run_tokenize(cfg.tokenize, cfg.model, run_sample(cfg.data))
+    with pytest.raises(TrainingFailed, match="exit code -9"):
+        run_train(cfg, tokenized)
+    out = run_train(cfg, tokenized)  # a retry, as Prefect or the next deployment run makes it
+    checkpoints = Path(out["run_dir"]) / "checkpoints"
+    assert out["resumed_from"].endswith("checkpoint-2")
+    assert (checkpoints / "checkpoint-6" / COMPLETE).is_file()
+    assert (Path(out["adapter"]) / "adapter_model.safetensors").is_file()
+
+
 def test_evaluation_halves_its_batch_after_out_of_memory(monkeypatch, capsys):
     """Out-of-memory at eval batch 8: the work is redone at batch 4; at batch 1 it stops with a message."""
     from tasks.evaluate import with_smaller_batches
 
-    monkeypatch.setenv("CHAT_DOCTOR_EVAL_OOM_AT_BATCH", "8")
+    arm(monkeypatch, eval_oom_at_batch=8)
     sizes = []
     assert with_smaller_batches(lambda b: sizes.append(b) or b * 10, 8, "eval loss") == 40
     assert sizes == [4]
     assert "eval loss: out of memory, retrying with evaluate.batch_size 4" in capsys.readouterr().out
-    monkeypatch.setenv("CHAT_DOCTOR_EVAL_OOM_AT_BATCH", "1")
+    arm(monkeypatch, eval_oom_at_batch=1)
     with pytest.raises(RuntimeError, match=r"generation: out of memory at evaluate\.batch_size 1"):
         with_smaller_batches(lambda b: b, 1, "generation")
+
+
+def test_faults_are_off_unless_armed_and_unknown_ones_are_refused(monkeypatch, tmp_path):
+    """A normal run installs no fault hook; the old one-variable-per-fault names do nothing."""
+    for old in ("CHAT_DOCTOR_OOM_AT_STEP", "CHAT_DOCTOR_KILL_AT_SAVE", "CHAT_DOCTOR_FAIL_AT_STEP"):
+        monkeypatch.setenv(old, "1")
+    monkeypatch.delenv(faults.FAULTS_ENV, raising=False)
+    assert faults.planned() == {} and faults.trainer_callbacks(tmp_path) == []
+    faults.eval_out_of_memory(1)  # nothing raised
+    faults.kill_in_register(tmp_path)  # nothing killed
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="'oom_at=3' is not NAME=VALUE with NAME one of oom_at_step"):
+        faults.env(oom_at=3)
+    arm(monkeypatch, oom_at_step=3)
+    assert [type(c).__name__ for c in faults.trainer_callbacks(tmp_path)] == ["FaultInjector"]

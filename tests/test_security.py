@@ -14,9 +14,9 @@ import pytest
 
 from chat_doctor.config import build_config
 from chat_doctor.tracking import tracking_uri
-from tests.conftest import QUICK_EVAL
+from tests.conftest import PLANTED_TOKEN
 
-TOKEN = "hf_" + "PlantedSecretToken" * 2
+TOKEN = PLANTED_TOKEN  # in the environment of the shared run (tests/conftest.py)
 
 
 class Payload:
@@ -50,19 +50,13 @@ def _files_with(root: Path, secret: bytes) -> list[str]:
 
 
 @pytest.mark.slow
-def test_hub_token_is_never_written_to_logs_params_tags_or_artifacts(project, prefect_server, monkeypatch):
+def test_hub_token_is_never_written_to_logs_params_tags_or_artifacts(shared):
+    """The shared run's two flow runs had a hub token in their environment (tests/conftest.py)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, LogFilter, LogFilterFlowRunId
 
-    from flows.finetune import finetune
-
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", TOKEN)
-    state = finetune(overrides={"train.max_steps": 2, "train.save_steps": 1, **QUICK_EVAL}, return_state=True)
-    assert state.is_completed(), state.message
-    flow_run_id = state.state_details.flow_run_id
     secret = TOKEN.encode()
-    # Every file the run wrote: MLflow store and artifacts, checkpoints (training_args.bin too),
+    # Every file the runs wrote: MLflow store and artifacts, checkpoints (training_args.bin too),
     # adapter, merged model, eval outputs, data, DVC remote and lock, and Prefect's stored results.
     assert [str(p) for p in Path(".").rglob("*") if ".git" not in p.parts and secret in _bytes(p)] == []
     prefect_home = Path(os.environ["PREFECT_HOME"])
@@ -71,20 +65,23 @@ def test_hub_token_is_never_written_to_logs_params_tags_or_artifacts(project, pr
     records = [p for p in (prefect_home / "storage").rglob("*") if p.is_file()]
     assert [p for p in records if not _is_json(p) and secret in base64.b64decode(p.read_bytes())] == []
     # What the servers hold: Prefect logs, artifacts and parameters; MLflow params, tags, version tags.
+    flow_run_ids = [state.state_details.flow_run_id for state in (shared.first, shared.second)]
     with get_client(sync_client=True) as client:
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=flow_run_ids)))
         artifacts = client.read_artifacts()
-        flow_run = client.read_flow_run(flow_run_id)
-        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [flow_run_id]}))
-    assert logs and artifacts
+        flow_runs = [client.read_flow_run(flow_run_id) for flow_run_id in flow_run_ids]
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": flow_run_ids}))
+    assert logs and artifacts and len(tasks) >= 2 * 9
     held = [log.message for log in logs] + [json.dumps(a.data, default=str) for a in artifacts]
-    held += [json.dumps(flow_run.parameters), *(json.dumps(t.task_inputs, default=str) for t in tasks)]
+    held += [json.dumps(f.parameters) for f in flow_runs] + [json.dumps(t.task_inputs, default=str) for t in tasks]
     assert not [text for text in held if TOKEN in text]
     tracking = mlflow.MlflowClient(tracking_uri())
-    (run,) = tracking.search_runs([e.experiment_id for e in tracking.search_experiments()])
-    version = tracking.get_model_version("chat-doctor-adapter", "1")
-    exposed = {**run.data.params, **run.data.tags, **version.tags, "description": version.description}
-    assert [key for key, value in exposed.items() if TOKEN in str(value)] == []
+    runs = tracking.search_runs([e.experiment_id for e in tracking.search_experiments()])
+    versions = tracking.search_model_versions("name = 'chat-doctor-adapter'")
+    assert len(runs) == 2 and len(versions) == 2
+    exposed = [{**run.data.params, **run.data.tags} for run in runs]
+    exposed += [{**version.tags, "description": version.description} for version in versions]
+    assert [key for fields in exposed for key, value in fields.items() if TOKEN in str(value)] == []
     # The results of completed steps are stored as JSON (paths and ids), not pickles.
     results = [json.loads(p.read_text()) for p in records if _is_json(p)]
     assert results and {r["metadata"]["serializer"]["type"] for r in results} == {"json"}
