@@ -31,9 +31,21 @@ def stop_when_idle(server: subprocess.Popen) -> None:
     finished run's process is still exiting marks that run Cancelled."""
     import psutil
 
+    def busy() -> list:
+        # Not counted: a child that exited and awaits reaping, and multiprocessing's resource
+        # tracker, which lives as long as the runner does.
+        children = psutil.Process(server.pid).children()
+        return [
+            c
+            for c in children
+            if c.status() != psutil.STATUS_ZOMBIE and "multiprocessing.resource_tracker" not in " ".join(c.cmdline())
+        ]
+
     deadline = time.time() + 60
-    while psutil.Process(server.pid).children() and time.time() < deadline:
+    while busy() and time.time() < deadline:
         time.sleep(0.5)
+    for child in busy():
+        print(f"still running after 60 s, stopped with the deployment: {' '.join(child.cmdline())[:300]}")
     if os.getpgid(server.pid) == server.pid:
         os.killpg(server.pid, signal.SIGTERM)  # started in its own session: stop its workers too
     else:

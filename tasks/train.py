@@ -240,11 +240,16 @@ def train_in_process(
     share = cfg.model_copy(
         update={"train": cfg.train.model_copy(update={"micro_batch_size": micro, "grad_accum": accum})}
     )
-    trainer = build_trainer(share, tokenized["train"], checkpoints, callbacks(run_dir, mlflow_run_id if main else None))
     resume = latest_checkpoint(checkpoints)
-    result = trainer.train(resume_from_checkpoint=resume)
     adapter = run_dir / "adapter"
     outputs = {"run_dir": str(run_dir), "adapter": str(adapter), "resumed_from": resume or ""}
+    if resume and int(Path(resume).name.split("-")[1]) >= cfg.train.max_steps and adapter.is_dir():
+        # Finished here before (same data and settings): the adapter stands. Resuming the Trainer
+        # at its last step would train one step more when that step ended mid-epoch.
+        print(f"training finished in {run_dir} before (checkpoint {Path(resume).name}); its adapter is reused")
+        return outputs
+    trainer = build_trainer(share, tokenized["train"], checkpoints, callbacks(run_dir, mlflow_run_id if main else None))
+    result = trainer.train(resume_from_checkpoint=resume)
     state_dict = None
     if _sharded(cfg):
         state_dict = trainer.accelerator.get_state_dict(trainer.model)  # gathers the shards: all processes

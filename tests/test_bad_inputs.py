@@ -239,15 +239,21 @@ def test_bad_config_is_refused_before_training(corpus_project, tmp_path, case, o
     assert PLANTED not in message
 
 
-# Through the flow itself (each case a flow run that must stop before training): a few of each kind.
-FLOW_CASES = [c for c in CASES if c[0] in ("broken JSON line", "strict: empty answer", "every row invalid")]
-FLOW_CONFIG_CASES = [
-    c for c in CONFIG_CASES if c[0] in ("LoRA rank zero", "token in config", "more rows than the source")
-]
+# Through the flow itself (each case a flow run that must stop before training): a few of each kind
+# in `make test`, every case in the `full` tier.
+IN_MAKE_TEST = {"broken JSON line", "strict: empty answer", "every row invalid"} | {
+    "LoRA rank zero",
+    "token in config",
+    "more rows than the source",
+}
+
+
+def through_the_flow(cases: list) -> list:
+    return [pytest.param(*c, id=c[0], marks=() if c[0] in IN_MAKE_TEST else pytest.mark.full) for c in cases]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("case", "make", "cfg", "parts"), FLOW_CASES, ids=[c[0] for c in FLOW_CASES])
+@pytest.mark.parametrize(("case", "make", "cfg", "parts"), through_the_flow(CASES))
 def test_malformed_source_fails_the_flow_before_training(
     corpus_project, prefect_server, tmp_path, case, make, cfg, parts
 ):
@@ -257,7 +263,7 @@ def test_malformed_source_fails_the_flow_before_training(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("case", "overrides", "parts"), FLOW_CONFIG_CASES, ids=[c[0] for c in FLOW_CONFIG_CASES])
+@pytest.mark.parametrize(("case", "overrides", "parts"), through_the_flow(CONFIG_CASES))
 def test_bad_config_fails_the_flow_before_training(corpus_project, prefect_server, case, overrides, parts):
     message = fails_before_training(overrides)
     for part in parts:

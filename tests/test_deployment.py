@@ -66,6 +66,10 @@ def registry_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "chat_doctor.registry", *args], capture_output=True, text=True)
 
 
+def aliases(client) -> dict[str, int]:
+    return {alias: int(version) for alias, version in client.get_registered_model(MODEL).aliases.items()}
+
+
 def versions(client) -> list[tuple[int, str]]:
     found = client.search_model_versions(f"name = '{MODEL}'")
     return sorted((int(v.version), v.tags.get("registration", "")) for v in found)
@@ -130,14 +134,14 @@ def test_registration_faults_are_cleaned_up_by_flow_run_retry(deployed, tmp_path
         assert time.time() < deadline, client.get_run(run.info.run_id).info.status
         time.sleep(1)
     assert versions(client) == [(1, "incomplete")]
-    assert client.get_registered_model(MODEL).aliases == {}
+    assert aliases(client) == {}
     assert "INCOMPLETE registration (retry its flow run)" in registry_cli("list").stdout
     refused = registry_cli("show", "1")
     assert refused.returncode != 0 and "v1: its registration was cut short" in refused.stderr
     state = retry_and_wait(env, flow_run_id)
     assert state.is_completed(), state.message
     assert versions(client) == [(2, "complete")]  # v1 deleted by the retry, v2 registered once
-    assert client.get_registered_model(MODEL).aliases == {"candidate": 2, "champion": 2}
+    assert aliases(client) == {"candidate": 2, "champion": 2}
     not_redone(flow_run_id)
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4]

@@ -14,7 +14,7 @@ import yaml
 from bench.processes import task_states
 from chat_doctor.config import flatten, load_config
 from chat_doctor.tracking import tracking_uri
-from tests.conftest import FAST, REAL_ROWS, SHORTER, copy_of_shared, needs_real_rows
+from tests.conftest import FAST, QUICK_EVAL, REAL_ROWS, SHORTER, copy_of_shared, needs_real_rows
 
 pytestmark = pytest.mark.slow
 METRICS = ("loss", "perplexity", "rougeL", "similarity", "eos_rate", "repetition", "words")
@@ -125,18 +125,23 @@ def test_a_second_run_reuses_the_data_and_its_worse_adapter_stays_candidate(shar
     assert "Not promoted to `champion`" in candidate.description
 
 
-def test_the_registry_by_hand(shared, tmp_path):
-    """chat-doctor-models as a user runs it from a shell; the champion is put back at the end."""
+def test_the_registry_by_hand(shared, tmp_path, capsys):
+    """chat-doctor-models as a user runs it (the first command from a shell, the rest through the
+    same entry point in this process); the champion is put back at the end."""
+    from chat_doctor.registry import main
 
     def models(*args):
-        done = subprocess.run([sys.executable, "-m", "chat_doctor.registry", *args], capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr
-        return done.stdout
+        capsys.readouterr()
+        main(list(args))
+        return capsys.readouterr().out
 
-    client = mlflow.MlflowClient(tracking_uri())
-    listing = models("list").splitlines()
+    shell = subprocess.run([sys.executable, "-m", "chat_doctor.registry", "list"], capture_output=True, text=True)
+    assert shell.returncode == 0, shell.stderr
+    assert shell.stdout == models("list")
+    listing = shell.stdout.splitlines()
     assert listing[1].split()[:2] == ["v1", "champion"] and "there was no champion" in listing[1]
     assert listing[2].split()[:2] == ["v2", "candidate"] and "does not beat champion v1's" in listing[2]
+    client = mlflow.MlflowClient(tracking_uri())
     assert "v2 (aliases: candidate)" in models("show", "candidate")
     assert models("promote", "2", "--reason", "answers read better") == "chat-doctor-adapter@champion -> v2\n"
     promoted = client.get_model_version_by_alias("chat-doctor-adapter", "champion")
@@ -163,8 +168,8 @@ def test_an_eval_source_of_real_rows_rescores_the_champion_on_them(shared, tmp_p
 
     monkeypatch.chdir(copy_of_shared(shared, tmp_path / "project"))
     held_out = tmp_path / "held_out_real.jsonl"
-    datasets.load_from_disk(str(REAL_ROWS)).select(range(60)).to_json(str(held_out), lines=True)
-    cfg = load_config("params.yaml", {**FAST, "evaluate.source": str(held_out)})
+    datasets.load_from_disk(str(REAL_ROWS)).select(range(40)).to_json(str(held_out), lines=True)
+    cfg = load_config("params.yaml", {**FAST, **QUICK_EVAL, "evaluate.source": str(held_out)})
     source = run_eval_source(cfg, "data/processed/train.jsonl")
     champion = champion_record(cfg.registry.model_name, cfg.registry.champion_alias)
     merged = Path("runs") / shared.run_dir.name / "merged"  # v1's merged model: the champion, merged
@@ -173,7 +178,7 @@ def test_an_eval_source_of_real_rows_rescores_the_champion_on_them(shared, tmp_p
     assert report["gate_set"] == "source"
     assert report["champion"] == {"version": 1, "figures": "scored again on these rows"}
     real = report["sets"]["source"]
-    assert real["cleaning"]["rows_read"] == 60 and real["rows"] == real["cleaning"]["rows_kept"] > 50
+    assert real["cleaning"]["rows_read"] == 40 and real["rows"] == real["cleaning"]["rows_kept"] > 30
     for model in ("base", "tuned", "champion"):
         assert set(METRICS) <= set(real["models"][model]), model
     # The champion (v1's adapter on the base, from the registry) is the merged model scored as tuned.

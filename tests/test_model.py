@@ -44,15 +44,18 @@ def test_training_changes_the_adapter_and_not_the_base(shared):
     assert saved_cfg["lora"]["r"] == 16 and saved_cfg["train"]["max_steps"] == FAST["train.max_steps"]
 
 
-def test_rerun_resumes_from_the_last_checkpoint(shared, tmp_path, monkeypatch):
+def test_a_rerun_of_finished_training_resumes_at_its_end_and_trains_nothing(shared, tmp_path, monkeypatch):
     monkeypatch.chdir(copy_of_shared(shared, tmp_path / "project"))
     cfg = load_config("params.yaml", FAST)
-    tokenized = {"train": "data/tokenized/train.arrow"}
     run_dir = Path("runs") / shared.run_dir.name
+    before = content_hash(run_dir / "adapter")
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-10", "checkpoint-5"]
-    again = run_train(cfg, tokenized)
+    again = run_train(cfg, {"train": "data/tokenized/train.arrow"})
     assert again["run_dir"] == str(run_dir)  # same data and settings: the same folder
     assert again["resumed_from"].endswith("checkpoint-10")
+    # No step past train.max_steps (the Trainer itself would take one when the last ended mid-epoch).
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-10", "checkpoint-5"]
+    assert content_hash(run_dir / "adapter") == before
 
 
 def test_merged_weights_equal_base_plus_lora_delta(shared):

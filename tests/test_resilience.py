@@ -31,8 +31,8 @@ def test_out_of_memory_at_micro_batch_one_says_what_to_change(project, prefect_s
 
 @pytest.mark.slow
 def test_sigkill_while_a_checkpoint_is_written_resumes_from_the_one_before(project, monkeypatch):
-    """SIGKILL while checkpoint-4 is written: that checkpoint is left unmarked, and the next attempt
-    resumes from checkpoint-2 and finishes."""
+    """SIGKILL while checkpoint-4 is written: that checkpoint is left unmarked (a torn one), and the
+    next attempt ignores it, resumes from checkpoint-2 and finishes."""
     from chat_doctor.config import load_config
     from chat_doctor.train_callbacks import COMPLETE
     from tasks.sample import run_sample
@@ -40,14 +40,15 @@ def test_sigkill_while_a_checkpoint_is_written_resumes_from_the_one_before(proje
     from tasks.train import TrainingFailed, run_train
 
     arm(monkeypatch, kill_at_save=4)
-    cfg = load_config("params.yaml", {"data.rows": 40, "lora.r": 4, **STEPS})
+    cfg = load_config("params.yaml", {"data.rows": 40, "lora.r": 4, **STEPS, "train.max_steps": 4})
     tokenized = run_tokenize(cfg.tokenize, cfg.model, run_sample(cfg.data))
     with pytest.raises(TrainingFailed, match="exit code -9"):
         run_train(cfg, tokenized)
+    checkpoints = next(Path("runs").glob("run-*")) / "checkpoints"
+    assert (checkpoints / "checkpoint-4").is_dir() and not (checkpoints / "checkpoint-4" / COMPLETE).exists()
     out = run_train(cfg, tokenized)  # a retry, as Prefect or the next deployment run makes it
-    checkpoints = Path(out["run_dir"]) / "checkpoints"
     assert out["resumed_from"].endswith("checkpoint-2")
-    assert (checkpoints / "checkpoint-6" / COMPLETE).is_file()
+    assert (checkpoints / "checkpoint-4" / COMPLETE).is_file()
     assert (Path(out["adapter"]) / "adapter_model.safetensors").is_file()
 
 
