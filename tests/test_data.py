@@ -151,7 +151,7 @@ def test_run_tokenize_writes_arrow_splits_and_report(tmp_path, project):
 
 
 @needs_real_rows()
-def test_real_rows_are_cleaned_counted_and_reproducible(tmp_path):
+def test_real_rows_are_cleaned_counted_and_reproducible(tmp_path, project):
     import datasets
 
     from chat_doctor.cleaning import normalise
@@ -175,3 +175,7 @@ def test_real_rows_are_cleaned_counted_and_reproducible(tmp_path):
     assert report["answers_cut_off"] == sum(1 for r in rows if not re.search(r"[.!?)\"'\]]$", r["output"]))
     assert report["chars"]["output"]["max"] == max(len(r["output"]) for r in rows)
     assert not list(REAL_ROWS.glob("cache-*"))  # the shared folder is left as it was
+    # Every real row trains its EOS, and the prompt is masked.
+    tokenized = run_tokenize(TokenizeConfig(), ModelConfig(), paths, tmp_path / "tokenized")
+    train = load_split(tokenized["train"])
+    assert len(train) > 300 and all(labels[-1] == 2 and labels[0] == -100 for labels in train["labels"])

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import yaml
 
 from bench.processes import task_states
 from chat_doctor import faults
@@ -149,6 +150,13 @@ def test_registration_faults_are_cleaned_up_by_flow_run_retry(deployed, tmp_path
     assert params["data.source"] == str(source) and params["train.max_steps"] == "4"
     report = json.loads(Path("data/processed/report.json").read_text())
     assert (report["source_rows"], report["train_rows"]) == (120, 90)
+    # The data overrides went to params.yaml (as `dvc exp run -S` does), so dvc.lock describes this data.
+    written = yaml.safe_load(Path("params.yaml").read_text())["data"]
+    assert (written["source"], written["rows"]) == (str(source), 100)
+    from dvc.repo import Repo
+
+    with Repo(".") as repo:
+        assert repo.status() == {}
 
     # 2. The tracking server killed while `register` runs (the same run folder: no kill this time).
     started = run_deployment(env, overrides, watch=False)

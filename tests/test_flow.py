@@ -192,6 +192,7 @@ def test_an_eval_source_of_real_rows_rescores_the_champion_on_them(shared, tmp_p
     assert "eval/tuned_loss" in run_metrics  # the eval split is still reported
 
 
+@pytest.mark.full
 @needs_real_rows()
 def test_flow_on_real_rows(project, prefect_server):
     from flows.finetune import finetune

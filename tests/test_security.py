@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -129,19 +130,21 @@ def test_resuming_from_a_poisoned_checkpoint_does_not_run_its_pickles(project, t
     cfg = load_config("params.yaml", {"train.max_steps": 2, "train.save_steps": 1})
     tokenized = run_tokenize(cfg.tokenize, cfg.model, run_sample(cfg.data))
     train_in_process(cfg, tokenized)
-    checkpoint = run_dir_for(cfg, tokenized) / "checkpoints" / "checkpoint-2"
+    run_dir = run_dir_for(cfg, tokenized)
+    # As if killed after checkpoint-1: the later checkpoint and the adapter never got written.
+    shutil.rmtree(run_dir / "checkpoints" / "checkpoint-2")
+    shutil.rmtree(run_dir / "adapter")
+    checkpoint = run_dir / "checkpoints" / "checkpoint-1"
     assert (checkpoint / COMPLETE).is_file()
     ran = tmp_path / "payload-ran"
     for name in ("rng_state.pth", "optimizer.pt", "scheduler.pt"):
         poisoned(checkpoint / name, ran)
     with pytest.raises(Exception, match=r"Weights only load failed|weights_only"):
-        train_in_process(cfg, tokenized)  # same settings: resumes from checkpoint-2
+        train_in_process(cfg, tokenized)  # same settings: resumes from checkpoint-1
     assert not ran.exists()
 
 
 def test_remote_code_in_a_model_folder_is_not_run_by_default(tmp_path, tiny_model_dir):
-    import shutil
-
     from chat_doctor.modeling import load_base_model
 
     folder = tmp_path / "model-with-code"
