@@ -20,22 +20,27 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: venv demo test test-all lint server serve stop mlflow-ui chat clean
 
-$(BIN)/.installed: pyproject.toml
+# One stamp per set of extras: `make venv EXTRAS=dev,gpu` on an existing venv installs the GPU extras.
+comma := ,
+INSTALLED := $(BIN)/.installed-$(subst $(comma),-,$(EXTRAS))
+
+$(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install -q -e '.[$(EXTRAS)]'
 	touch $@
 
-venv: $(BIN)/.installed
+venv: $(INSTALLED)
 
-demo: $(BIN)/.installed server serve
+demo: $(INSTALLED) server serve
 	$(BIN)/prefect deployment run finetune/default --watch
 	@echo
 	@echo "Prefect UI (flow runs, task logs, the result artifact): http://127.0.0.1:$(PREFECT_PORT)"
 	@echo "MLflow UI (params, loss curve, registered adapter):    $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db"
 	@echo "Run again:  $(BIN)/prefect deployment run finetune/default --param overrides='{\"train.max_steps\": 20}'"
 	@echo "Registered versions:  $(BIN)/chat-doctor-models list;  chat with the champion:  make chat"
+	@echo "Prefect CLI in another shell:  export PREFECT_API_URL=$(PREFECT_API_URL)"
 	@echo "Stop the Prefect server and the flow server: make stop"
 
 # Debian's Chromium, which the browser test of the chat UI drives through Playwright.
@@ -44,24 +49,24 @@ $(CHROMIUM):
 
 # `make test`: lint and every test but the `full` tier (about 10 minutes on 2 cores with the set-up);
 # `make test-all` adds that tier (each of its tests proves again, another way, what one in make test does).
-test: $(BIN)/.installed $(CHROMIUM)
+test: $(INSTALLED) $(CHROMIUM)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -m "not full" --durations=10
 
-test-all: $(BIN)/.installed $(CHROMIUM)
+test-all: $(INSTALLED) $(CHROMIUM)
 	$(BIN)/python -m pytest --durations=10
 
 # The chat UI on http://127.0.0.1:7860 with the champion (MODEL=candidate, MODEL=3 or MODEL=<folder>).
-chat: $(BIN)/.installed
+chat: $(INSTALLED)
 	$(BIN)/chat-doctor-chat $(if $(MODEL),--model $(MODEL))
 
-lint: $(BIN)/.installed
+lint: $(INSTALLED)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
 # A local Prefect server, started only if none answers at PREFECT_API_URL.
-server: $(BIN)/.installed
+server: $(INSTALLED)
 	@mkdir -p $(STATE)
 	@if curl -sf $(PREFECT_API_URL)/health >/dev/null; then echo "Prefect server answers at $(PREFECT_API_URL)"; else \
 	  echo "Starting a Prefect server on 127.0.0.1:$(PREFECT_PORT) (log: $(STATE)/prefect-server.log)"; \
@@ -69,12 +74,12 @@ server: $(BIN)/.installed
 	  echo $$! >$(STATE)/prefect-server.pid; \
 	  for i in $$(seq 120); do curl -sf $(PREFECT_API_URL)/health >/dev/null && break; sleep 1; done; \
 	  curl -sf $(PREFECT_API_URL)/health >/dev/null || { echo "Prefect server did not start; see $(STATE)/prefect-server.log"; exit 1; }; fi
-	@# So that plain `prefect ...` commands in any shell talk to this server, not a throw-away one.
-	@$(BIN)/prefect profile inspect 2>/dev/null | grep -q "PREFECT_API_URL='$(PREFECT_API_URL)'" || \
-	  $(BIN)/prefect config set PREFECT_API_URL=$(PREFECT_API_URL)
+	@# Recorded in the project (your Prefect profile is left alone): `python -m flows.finetune` runs
+	@# here use this server while it answers, and Prefect's temporary one once it is stopped.
+	@echo $(PREFECT_API_URL) >$(STATE)/prefect-api-url
 
 # Serves the `finetune/default` deployment from this folder (runs flow runs as they are requested).
-serve: $(BIN)/.installed server
+serve: $(INSTALLED) server
 	@if [ -f $(STATE)/serve.pid ] && kill -0 $$(cat $(STATE)/serve.pid) 2>/dev/null; then echo "finetune/default is being served"; else \
 	  echo "Serving finetune/default (log: $(STATE)/serve.log)"; \
 	  nohup $(BIN)/python -m flows.deploy >$(STATE)/serve.log 2>&1 & echo $$! >$(STATE)/serve.pid; \
@@ -84,7 +89,7 @@ serve: $(BIN)/.installed server
 stop:
 	-@for p in serve prefect-server; do [ -f $(STATE)/$$p.pid ] && kill $$(cat $(STATE)/$$p.pid) 2>/dev/null; rm -f $(STATE)/$$p.pid; done; echo stopped
 
-mlflow-ui: $(BIN)/.installed
+mlflow-ui: $(INSTALLED)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1
 
 clean: stop

@@ -26,6 +26,7 @@ from prefect.runtime import flow_run
 from chat_doctor.config import PARAMS_FILE, Config, cli_overrides, flatten, load_config, section_hash
 from chat_doctor.files import content_hash
 from chat_doctor.lineage import data_overrides, record_data_stages, write_params
+from chat_doctor.prefect_api import api_url_for_this_run
 from chat_doctor.registry import champion_record
 from chat_doctor.tracking import (
     end_run,
@@ -215,7 +216,12 @@ def finetune(overrides: dict[str, Any] | None = None, params_file: str = PARAMS_
 
 
 def main(argv: list[str] | None = None) -> None:
-    print(finetune(overrides=cli_overrides(sys.argv[1:] if argv is None else argv)))
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    overrides = cli_overrides(sys.argv[1:] if argv is None else argv)
+    url = api_url_for_this_run()
+    with temporary_settings(updates={PREFECT_API_URL: url} if url else {}):
+        print(finetune(overrides=overrides))
 
 
 if __name__ == "__main__":
