@@ -16,7 +16,7 @@ from chat_doctor.files import atomic_path
 
 DATA_STAGES = ("sample", "tokenize")
 # Config keys that the data stages read (dvc.yaml `params:`); overrides of these go to params.yaml.
-DVC_PARAM_PREFIXES = ("preset", "data.", "tokenize.", "model.base", "model.revision")
+DVC_PARAM_PREFIXES = ("preset", "data.", "tokenize.", "model.")
 
 
 def data_overrides(overrides: dict[str, Any] | None) -> dict[str, Any]:
@@ -30,6 +30,7 @@ def write_params(params_file: Path, overrides: dict[str, Any]) -> list[str]:
     was really made with.
     """
     from ruamel.yaml import YAML
+    from ruamel.yaml.comments import CommentedMap
     from ruamel.yaml.representer import RoundTripRepresenter
 
     class Representer(RoundTripRepresenter):
@@ -45,10 +46,10 @@ def write_params(params_file: Path, overrides: dict[str, Any]) -> list[str]:
         node = doc
         *parents, leaf = key.split(".")
         for part in parents:
-            if part not in node:
-                node[part] = {}
+            if not node.get(part):  # absent, or the empty `section: {}` of the shipped file
+                node[part] = CommentedMap()  # written as a block, under the section's comment
             node = node[part]
-        if node.get(leaf) != value:
+        if leaf not in node or node[leaf] != value:
             node[leaf] = value
             changed.append(key)
     if changed:

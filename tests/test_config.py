@@ -25,6 +25,34 @@ def test_params_yaml_is_the_cpu_tiny_default():
     assert cfg.tokenize.template == "original"
 
 
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_the_shipped_params_yaml_gives_each_preset_its_own_recipe(preset, tmp_path):
+    """`python -m flows.finetune preset=X`, and `preset: X` written in params.yaml, both give preset
+    X exactly: the shipped file holds no values of its own that would win over it."""
+    from chat_doctor.lineage import write_params
+
+    recipe = build_config({"preset": preset})
+    assert load_config(REPO / "params.yaml", {"preset": preset}) == recipe
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text())
+    write_params(params, {"preset": preset})
+    assert load_config(params) == recipe
+    if preset.startswith("mistral-7b"):
+        assert recipe.model.base == "mistralai/Mistral-7B-v0.1"
+        assert (recipe.data.source, recipe.data.rows) == ("lavita/ChatDoctor-HealthCareMagic-100k", 5000)
+        assert recipe.train.learning_rate <= 2.5e-4 and recipe.evaluate.rows == 500
+
+
+def test_a_choice_in_params_yaml_wins_over_the_preset(tmp_path):
+    from chat_doctor.lineage import write_params
+
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text())
+    write_params(params, {"preset": "mistral-7b", "data.rows": 1000})
+    cfg = load_config(params)
+    assert (cfg.data.rows, cfg.data.source, cfg.train.max_steps) == (1000, "lavita/ChatDoctor-HealthCareMagic-100k", 48)
+
+
 def test_mistral_7b_preset_is_the_fast_recipe():
     cfg = build_config({"preset": "mistral-7b"})
     assert cfg.model.base == "mistralai/Mistral-7B-v0.1"

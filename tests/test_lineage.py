@@ -40,7 +40,7 @@ def test_writing_params_leaves_other_yaml_dumpers_alone(tmp_path):
 
     params = tmp_path / "params.yaml"
     shutil.copy(REPO / "params.yaml", params)
-    write_params(params, {"data.source": "/x/rows.jsonl"})
+    write_params(params, {"data.source": "/x/rows.jsonl", "data.revision": None})
     assert "revision: null" in params.read_text()
     out = io.StringIO()
     YAML().dump({"model.revision": None}, out)
