@@ -27,6 +27,7 @@ from chat_doctor.config import PARAMS_FILE, Config, cli_overrides, flatten, load
 from chat_doctor.files import content_hash
 from chat_doctor.lineage import data_overrides, record_data_stages, write_params
 from chat_doctor.prefect_api import api_url_for_this_run
+from chat_doctor.preflight import check_before_data
 from chat_doctor.registry import champion_record
 from chat_doctor.tracking import (
     end_run,
@@ -69,8 +70,11 @@ def _tokenize_key(ctx, params) -> str:
 
 @task(name="prepare-config")
 def prepare_config(params_file: str, overrides: dict[str, Any]) -> Config:
-    """Validate params.yaml + overrides (errors name the key) before anything is loaded."""
-    return load_config(params_file, overrides)
+    """Validate params.yaml + overrides, this machine and the base's files (errors name the key)
+    before any data step runs."""
+    cfg = load_config(params_file, overrides)
+    check_before_data(cfg)
+    return cfg
 
 
 @task(name="start-tracking")

@@ -22,6 +22,7 @@ from chat_doctor.attention import register as register_varlen
 from chat_doctor.config import Config, ConfigError, effective_batch, section_hash, split_for_processes
 from chat_doctor.files import atomic_dir, content_hash, write_json
 from chat_doctor.modeling import device, load_base_model, load_tokenizer, resolve_dtype
+from chat_doctor.preflight import check_device
 from chat_doctor.tokenized import IGNORE_INDEX, load_split
 from chat_doctor.tracking import log_metrics, set_tags
 from chat_doctor.train_callbacks import callbacks, latest_checkpoint, profiler_callbacks
@@ -312,16 +313,6 @@ def _halve_micro_batch(cfg: Config, run_dir: Path, error: str) -> str:
     return f"out of memory at micro-batch {micro}: the retry uses {micro // 2} x {accum * 2} (same effective batch)"
 
 
-def _check_device(cfg: Config) -> None:
-    """GPU-only settings are refused on a CPU before anything loads, naming the key to change."""
-    if device() == "cuda":
-        return
-    if cfg.train.kernels == "liger":
-        raise ConfigError("train.kernels = liger needs a CUDA GPU; on a CPU set train.kernels: none")
-    if cfg.train.attention == VARLEN:
-        raise ConfigError("train.attention = varlen needs a CUDA GPU; on a CPU set train.attention: sdpa")
-
-
 def processes(cfg: Config) -> int:
     """Data-parallel processes on this machine: train.gpus, or every visible GPU for `auto`."""
     if cfg.train.gpus != "auto":
@@ -358,7 +349,7 @@ def run_train(cfg: Config, tokenized: dict[str, str], mlflow_run_id: str | None 
     Raises OutOfMemory (after recording half the micro-batch for the next attempt, which resumes
     from the last complete checkpoint) or TrainingFailed for anything else, a kill included.
     """
-    _check_device(cfg)
+    check_device(cfg)  # also checked before the data steps; this step can be run on its own
     world = processes(cfg) * cfg.train.nnodes
     if cfg.train.strategy == "fsdp" and world == 1:
         raise ConfigError("train.strategy = fsdp shards the model over several GPUs, but only one is in use")

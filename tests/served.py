@@ -22,6 +22,9 @@ BIN = Path(sys.executable).parent
 def served_deployment(api_url: str, **extra_env: str):
     """`python -m flows.deploy` in the current folder; yields the env for Prefect CLI calls."""
     env = {**os.environ, "PREFECT_API_URL": api_url, "PYTHONPATH": str(Path.cwd())}
+    # An earlier test's deployment of the same name would answer `inspect` before this one is up.
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    subprocess.run([BIN / "prefect", "deployment", "delete", "finetune/default"], env=env, **quiet)
     # The runner looks for scheduled runs every second rather than every 10 (Prefect's default).
     server = subprocess.Popen(
         [sys.executable, "-m", "flows.deploy"],
@@ -31,7 +34,8 @@ def served_deployment(api_url: str, **extra_env: str):
     )
     try:
         deadline = time.time() + 120
-        while subprocess.run([BIN / "prefect", "deployment", "inspect", "finetune/default"], env=env).returncode:
+        inspect = [BIN / "prefect", "deployment", "inspect", "finetune/default"]
+        while subprocess.run(inspect, env=env, **quiet).returncode:
             assert time.time() < deadline and server.poll() is None, "the deployment never appeared"
             time.sleep(1)
         yield env

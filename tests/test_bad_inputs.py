@@ -174,6 +174,12 @@ CONFIG_CASES = [
     ("unknown field in column map", {"data.columns": {"answer": "output"}}, ["`data.columns.answer.[key]`"]),
     ("length limit zero", {"data.max_chars": 0}, ["`data.max_chars` = 0"]),
     ("strict not a yes/no", {"data.strict": "sometimes"}, ["`data.strict` = 'sometimes'"]),
+    (
+        "LoRA target the base lacks",
+        {"lora.target_modules": ["q_proj", "qkv_proj"]},
+        ["lora.target_modules: ['qkv_proj'] are not modules of 'tiny'", "'down_proj'"],
+    ),
+    ("GPU kernels on a CPU", {"train.kernels": "liger"}, ["train.kernels = liger needs a CUDA GPU"]),
 ]
 
 
@@ -191,11 +197,13 @@ def checks_before_training(overrides: dict, out: Path) -> str:
     """What the flow runs before training, as the plain functions its steps call (validate the
     config, sample, tokenize, read the eval source); the error it stops with, naming the problem."""
     from chat_doctor.config import load_config
+    from chat_doctor.preflight import check_before_data
     from tasks.eval_source import run_eval_source
     from tasks.tokenize import run_tokenize
 
     with pytest.raises(Exception) as err:
         cfg = load_config("params.yaml", overrides)
+        check_before_data(cfg)
         processed = run_sample(cfg.data, out / "processed")
         run_tokenize(cfg.tokenize, cfg.model, processed, out / "tokenized")
         run_eval_source(cfg, processed["train"])
@@ -245,6 +253,7 @@ IN_MAKE_TEST = {"broken JSON line", "strict: empty answer", "every row invalid"}
     "LoRA rank zero",
     "token in config",
     "more rows than the source",
+    "LoRA target the base lacks",
 }
 
 
@@ -269,6 +278,17 @@ def test_bad_config_fails_the_flow_before_training(corpus_project, prefect_serve
     for part in parts:
         assert part in message, f"{case}: {part!r} not in {message}"
     assert PLANTED not in message
+
+
+def test_a_base_folder_without_safetensors_weights_is_refused_before_the_data_steps(corpus_project, tmp_path):
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+    (folder / "pytorch_model.bin").write_bytes(b"not opened")
+    message = checks_before_training({"model.base": str(folder)}, tmp_path / "out")
+    assert (
+        f"model.base = '{folder}': no safetensors weights there (found ['config.json', 'pytorch_model.bin'])" in message
+    )
 
 
 @pytest.mark.slow
