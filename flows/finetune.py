@@ -23,7 +23,17 @@ from prefect import flow, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.runtime import flow_run
 
-from chat_doctor.config import PARAMS_FILE, Config, cli_overrides, flatten, load_config, section_hash
+from chat_doctor import step_cache
+from chat_doctor.config import (
+    PARAMS_FILE,
+    PROCESSED_DIR,
+    TOKENIZED_DIR,
+    Config,
+    cli_overrides,
+    flatten,
+    load_config,
+    section_hash,
+)
 from chat_doctor.files import content_hash
 from chat_doctor.lineage import data_overrides, record_data_stages, write_params
 from chat_doctor.prefect_api import api_url_for_this_run
@@ -98,12 +108,34 @@ KEEP = {"persist_result": True, "result_serializer": "json"}
 
 @task(name="sample", cache_key_fn=_source_key, **KEEP)
 def sample(cfg) -> dict[str, str]:
-    return run_sample(cfg)
+    if not Path(cfg.source).expanduser().exists() and not cfg.revision:
+        print(
+            f"warning: data.source {cfg.source!r} has no data.revision: the cache and DVC cannot see a new "
+            "commit of the dataset; pin data.revision for a reproducible run"
+        )
+    paths = run_sample(cfg)
+    step_cache.record("sample", _source_key(None, {"cfg": cfg}), PROCESSED_DIR)
+    return paths
 
 
 @task(name="tokenize", cache_key_fn=_tokenize_key, **KEEP)
 def tokenize(cfg, model_cfg, processed: dict[str, str]) -> dict[str, str]:
-    return run_tokenize(cfg, model_cfg, processed)
+    paths = run_tokenize(cfg, model_cfg, processed)
+    key = _tokenize_key(None, {"cfg": cfg, "model_cfg": model_cfg, "processed": processed})
+    step_cache.record("tokenize", key, TOKENIZED_DIR)
+    return paths
+
+
+def _sample_cached(cfg):
+    """`sample`, taken from Prefect's cache only while data/processed still holds what it made."""
+    fresh = step_cache.still_holds("sample", _source_key(None, {"cfg": cfg}), PROCESSED_DIR)
+    return sample.with_options(refresh_cache=not fresh)(cfg)
+
+
+def _tokenize_cached(cfg, model_cfg, processed: dict[str, str]):
+    key = _tokenize_key(None, {"cfg": cfg, "model_cfg": model_cfg, "processed": processed})
+    fresh = step_cache.still_holds("tokenize", key, TOKENIZED_DIR)
+    return tokenize.with_options(refresh_cache=not fresh)(cfg, model_cfg, processed)
 
 
 @task(name="version-data", **KEEP)
@@ -209,8 +241,8 @@ def finetune(overrides: dict[str, Any] | None = None, params_file: str = PARAMS_
     """Fine-tune the base on the sampled data and register the adapter. `overrides`: dotted keys."""
     cfg = prepare_config(params_file, overrides or {})
     run_id = start_tracking(cfg)
-    processed = sample(cfg.data)
-    tokenized = tokenize(cfg.tokenize, cfg.model, processed)
+    processed = _sample_cached(cfg.data)
+    tokenized = _tokenize_cached(cfg.tokenize, cfg.model, processed)
     source = eval_source(cfg, processed)  # before anything is pushed: a bad eval file fails first
     lineage = version_data(run_id, processed, tokenized, params_file, data_overrides(overrides))
     trained = train(cfg, tokenized, run_id)
