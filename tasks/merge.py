@@ -3,8 +3,9 @@
 Reads params sections `model`, `tokenize` (template) and `merge`. Input: `runs/<run>/adapter/` and
 the data lineage. Output: `runs/<run>/merged/` (safetensors + tokenizer + model card README.md),
 written atomically. The base is loaded in bf16/fp16/fp32, never 4 bit: merging into quantized
-weights would round the adapter's delta away. Before saving, the merged model's logits on a few
-prompts must match the adapter on the same full-precision base within TOLERANCE, or nothing is saved.
+weights would round the adapter's delta away. Before saving, the merged model is judged against
+the adapter's own effect on a few prompts: it must keep most of what the adapter changes in the
+base's logits, or nothing is saved.
 """
 
 from __future__ import annotations
@@ -17,11 +18,14 @@ from chat_doctor.model_card import render_card
 from chat_doctor.modeling import load_adapter, load_base_model, load_tokenizer
 from chat_doctor.prompts import build_example
 
-# Largest relative error ||merged - (base + adapter)|| / ||base + adapter|| of the logits, per dtype.
-# Merging rounds W + BA to the weight dtype once per layer and the rounding compounds with depth:
-# Mistral-7B shapes in bf16 measured 3.1e-2 (H200, 2026-11). A wrong merge (adapter lost or scaled
-# wrongly) moves the logits by the adapter's whole effect, far above these.
-TOLERANCE = {"torch.float32": 1e-4, "torch.bfloat16": 5e-2, "torch.float16": 1e-2}
+# The merged model must keep at least this share of the adapter's effect on the check prompts:
+# 1 - |merged - adapter| / |adapter - base| (logits). A correct fp32 merge keeps ~1.0; a merge that
+# lost the adapter keeps ~0, whatever the adapter's size. A fixed tolerance on |merged - adapter|
+# alone would pass a lost adapter whose effect is below it (a light fine-tune in bf16).
+MIN_KEPT = 0.5
+# With no effect to judge by (an adapter that changes nothing), the merged logits must equal the
+# adapter's within the dtype's rounding, relative to their size.
+ROUNDING = {"torch.float32": 1e-4, "torch.bfloat16": 5e-2, "torch.float16": 1e-2}
 CHECKS = [  # (query, answer) pairs in the training template
     ("I have had a dry cough for a week and a mild fever.", "Hi, it is likely viral. Rest and drink fluids."),
     ("My knee swells after running. What should I do?", "Hello, apply ice, rest the knee and see an orthopaedist."),
@@ -46,21 +50,33 @@ def _logits(model, tokenizer, template: str):
 
 
 def run_merge(cfg: Config, adapter: str, lineage: dict | None = None) -> dict:
-    """Merge `adapter` into the base, check the logits, save; return {"merged": folder, "logit_error"}."""
+    """Merge `adapter` into the base, judge the logits, save; return the folder and the figures."""
     tokenizer = load_tokenizer(cfg.model, adapter)
     base = load_base_model(cfg.model, quantized=False, dtype_name=cfg.merge.dtype)
     with_adapter = load_adapter(base, adapter)
-    before = _logits(with_adapter, tokenizer, cfg.tokenize.template)
+    adapted = _logits(with_adapter, tokenizer, cfg.tokenize.template)
+    with with_adapter.disable_adapter():
+        effect = (adapted - _logits(with_adapter, tokenizer, cfg.tokenize.template)).norm().item()
     merged_model = with_adapter.merge_and_unload()
-    error = ((before - _logits(merged_model, tokenizer, cfg.tokenize.template)).norm() / before.norm()).item()
-    tolerance = TOLERANCE[str(merged_model.dtype)]
-    if not error <= tolerance:
-        raise MergeMismatch(
-            f"merged logits differ from base + adapter by {error:.3g} relative (> {tolerance}): not saved"
-        )
+    gap = (adapted - _logits(merged_model, tokenizer, cfg.tokenize.template)).norm().item()
+    error = gap / adapted.norm().item()
+    if effect > 0:
+        kept = 1 - gap / effect
+        if kept < MIN_KEPT:
+            raise MergeMismatch(
+                f"the merged model keeps {kept:.0%} of the adapter's effect on the check prompts "
+                f"(|merged - adapter| = {gap:.3g}, {error:.2%} of the logits; |adapter - base| = {effect:.3g}; "
+                f"needs {MIN_KEPT:.0%}): not "
+                f"saved. Either the merge is wrong or merge.dtype = {cfg.merge.dtype} rounds the adapter "
+                "away (set merge.dtype: float32)"
+            )
+    elif error > ROUNDING[str(merged_model.dtype)]:
+        raise MergeMismatch(f"merged logits differ from base + adapter by {error:.3g} relative: not saved")
+    else:
+        kept = 1.0
     out = Path(adapter).parent / "merged"
     with atomic_dir(out) as staging:
         merged_model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         (staging / "README.md").write_text(render_card(cfg, lineage or {}, None, None, "merged"))
-    return {"merged": str(out), "logit_error": error}
+    return {"merged": str(out), "logit_error": error, "adapter_effect_kept": kept}

@@ -161,12 +161,36 @@ def test_merge_checks_its_logits_and_a_wrong_merge_saves_nothing(shared, tmp_pat
     run = tmp_path / "run"
     shutil.copytree(shared.run_dir / "adapter", run / "adapter")
     merged = run_merge(cfg, str(run / "adapter"))
-    assert merged["logit_error"] < 1e-5 and merged["merged"] == str(run / "merged")
+    assert merged["logit_error"] < 1e-5 and merged["adapter_effect_kept"] > 0.999
+    assert merged["merged"] == str(run / "merged")
     shutil.rmtree(run / "merged")
     monkeypatch.setattr(BaseTuner, "merge_and_unload", lambda self, *a, **k: self.unload())  # adapter dropped
-    with pytest.raises(MergeMismatch, match=r"merged logits differ from base \+ adapter by .* not saved"):
+    with pytest.raises(MergeMismatch, match=r"keeps -?0% of the adapter's effect .* not saved"):
         run_merge(cfg, str(run / "adapter"))
     assert not (run / "merged").exists()
+
+
+def test_a_lost_light_adapter_is_caught_in_bf16_too(shared, tmp_path, monkeypatch):
+    """An adapter whose effect on the logits is below bf16's rounding tolerance (a light fine-tune):
+    a fixed tolerance would pass a merge that dropped it; judged by its own effect, it fails."""
+    from peft.tuners.tuners_utils import BaseTuner
+    from safetensors.torch import save_file
+
+    from tasks.merge import ROUNDING, MergeMismatch
+
+    cfg = load_config("params.yaml", {**FAST, "merge.dtype": "bfloat16"})
+    adapter = tmp_path / "run" / "adapter"
+    shutil.copytree(shared.run_dir / "adapter", adapter)
+    weights = load_file(adapter / "adapter_model.safetensors")
+    light = {k: w * 0.002 if "lora_B" in k else w for k, w in weights.items()}
+    save_file(light, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    monkeypatch.setattr(BaseTuner, "merge_and_unload", lambda self, *a, **k: self.unload())  # adapter dropped
+    with pytest.raises(MergeMismatch) as err:
+        run_merge(cfg, str(adapter))
+    relative = float(str(err.value).split(", ")[1].split("% of the logits")[0]) / 100
+    assert "keeps 0% of the adapter's effect" in str(err.value)
+    assert 0 < relative < ROUNDING["torch.bfloat16"]  # a fixed bf16 tolerance on the logits would have passed it
+    assert not (adapter.parent / "merged").exists()
 
 
 def test_evaluation_report_and_all_or_nothing_registration(shared, tmp_path, monkeypatch):
