@@ -343,6 +343,24 @@ def _outcomes(run_dir: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in files]
 
 
+def steps_for_epochs(cfg: Config, train_path: str) -> Config:
+    """The config with max_steps derived from train.epochs (unchanged when epochs is not set)."""
+    t = cfg.train
+    if not t.epochs:
+        return cfg
+    import pyarrow.compute as pc
+
+    from chat_doctor.packing import pack_rows
+
+    lengths = pc.list_value_length(load_split(train_path).data.column("input_ids")).to_pylist()
+    units = len(pack_rows(lengths, t.pack_length)) if t.pack_length else len(lengths)
+    per_epoch = math.ceil(units / effective_batch(t))
+    steps = max(1, math.ceil(t.epochs * per_epoch))
+    what = f"{len(lengths):,} rows in {units:,} bins" if t.pack_length else f"{units:,} rows"
+    print(f"train.epochs = {t.epochs:g}: {steps} steps ({what}, {effective_batch(t)} a step, {per_epoch} an epoch)")
+    return cfg.model_copy(update={"train": t.model_copy(update={"max_steps": steps})})
+
+
 def run_train(cfg: Config, tokenized: dict[str, str], mlflow_run_id: str | None = None) -> dict[str, str]:
     """Train in child process(es), so that out-of-memory frees all of its memory; return the outputs.
 
@@ -354,6 +372,7 @@ def run_train(cfg: Config, tokenized: dict[str, str], mlflow_run_id: str | None 
     if cfg.train.strategy == "fsdp" and world == 1:
         raise ConfigError("train.strategy = fsdp shards the model over several GPUs, but only one is in use")
     split_for_processes(cfg.train, world)  # refuses a batch that does not split, before anything loads
+    cfg = steps_for_epochs(cfg, tokenized["train"])
     run_dir = run_dir_for(cfg, tokenized)
     cfg = _apply_micro_batch(cfg, run_dir)
     spec = run_dir / "attempt.json"
@@ -366,6 +385,7 @@ def run_train(cfg: Config, tokenized: dict[str, str], mlflow_run_id: str | None 
             {
                 "train.micro_batch_size_used": cfg.train.micro_batch_size,
                 "train.grad_accum_used": cfg.train.grad_accum,
+                "train.max_steps_used": cfg.train.max_steps,
                 "train.processes": world,
             },
         )

@@ -50,7 +50,11 @@ def test_a_choice_in_params_yaml_wins_over_the_preset(tmp_path):
     params.write_text((REPO / "params.yaml").read_text())
     write_params(params, {"preset": "mistral-7b", "data.rows": 1000})
     cfg = load_config(params)
-    assert (cfg.data.rows, cfg.data.source, cfg.train.max_steps) == (1000, "lavita/ChatDoctor-HealthCareMagic-100k", 48)
+    assert (cfg.data.rows, cfg.data.source, cfg.train.epochs) == (1000, "lavita/ChatDoctor-HealthCareMagic-100k", 1)
+    write_params(params, {"train.max_steps": 20})  # steps set by hand win over the preset's epochs
+    assert (load_config(params).train.max_steps, load_config(params).train.epochs) == (20, None)
+    both = load_config(params, {"train.epochs": 2})  # unless epochs is set by hand too
+    assert both.train.epochs == 2
 
 
 def test_mistral_7b_preset_is_the_fast_recipe():
@@ -79,7 +83,7 @@ def test_lean_and_original_presets():
     lean = build_config({"preset": "mistral-7b-lean"})
     assert lean.train.gradient_checkpointing and lean.train.attention == "varlen"
     fast = build_config({"preset": "mistral-7b"}).train
-    assert (lean.train.pack_length, lean.train.max_steps) == (fast.pack_length, fast.max_steps)
+    assert (lean.train.pack_length, lean.train.epochs) == (fast.pack_length, fast.epochs) == (1536, 1)
     assert (lean.train.micro_batch_size, lean.train.grad_accum) == (4, 4)  # mistral-7b's micro-batches
     assert lean.train.checkpoint_offload and lean.train.optim == "paged_adamw_8bit"
     original = build_config({"preset": "mistral-7b-original"})

@@ -99,6 +99,23 @@ def test_the_trainer_tells_the_bin_sampler_each_epoch(project):
     assert trainer.packed_sampler.epoch == 1
 
 
+def test_epochs_give_the_steps_that_cover_the_rows_or_bins_once_per_epoch(project, capsys):
+    from chat_doctor.tokenized import load_split
+    from tasks.train import steps_for_epochs
+
+    cfg = load_config("params.yaml", {"data.rows": 60, "train.epochs": 2, "train.packing": True})
+    tokenized = run_tokenize(cfg.tokenize, cfg.model, run_sample(cfg.data))
+    rows = len(load_split(tokenized["train"]))
+    assert steps_for_epochs(cfg, tokenized["train"]).train.max_steps == 2 * math.ceil(rows / 8)  # 4 x 2 a step
+    assert f"train.epochs = 2: {2 * math.ceil(rows / 8)} steps ({rows} rows, 8 a step" in capsys.readouterr().out
+    in_bins = {"train.pack_length": 512, "train.micro_batch_size": 2, "train.grad_accum": 1}
+    bins = load_config("params.yaml", {"data.rows": 60, "train.epochs": 0.5, "train.packing": True, **in_bins})
+    lengths = [len(ids) for ids in load_split(tokenized["train"])["input_ids"]]
+    per_epoch = math.ceil(len(pack_rows(lengths, 512)) / 2)
+    assert steps_for_epochs(bins, tokenized["train"]).train.max_steps == math.ceil(0.5 * per_epoch)
+    assert steps_for_epochs(load_config("params.yaml"), tokenized["train"]).train.max_steps == 60  # no epochs
+
+
 def test_pack_length_is_checked_against_packing_and_the_row_length():
     with pytest.raises(ConfigError, match=re.escape("train.pack_length needs train.packing: true")):
         build_config({"train": {"pack_length": 1024}})
