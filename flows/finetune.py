@@ -20,7 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    update_progress_artifact,
+)
 from prefect.runtime import flow_run
 
 from chat_doctor import step_cache
@@ -177,9 +182,24 @@ def _only_out_of_memory(task, task_run, state) -> bool:
 
 # Retries are bounded by the halvings themselves: run_train stops below micro-batch 1 with what to
 # change. On an H100, Mistral-7B shapes at 1,024 tokens needed four (64 -> 4; bench/RESULTS.md).
+def _progress_artifact():
+    """Updates the `train-progress` artifact (a bar and a line in the Prefect UI) at each logging step."""
+    made: dict[str, object] = {}
+
+    def update(p: dict) -> None:
+        line = f"step {p['step']}/{p['steps']}: loss {p['loss']}, {p['tokens_per_s']} tokens/s, ETA {p['eta']}"
+        done = 100 * p["step"] / p["steps"]
+        if "id" in made:
+            update_progress_artifact(made["id"], done, description=line)
+        else:
+            made["id"] = create_progress_artifact(done, key="train-progress", description=line)
+
+    return update
+
+
 @task(name="train", retries=8, retry_condition_fn=_only_out_of_memory, **KEEP)
 def train(cfg: Config, tokenized: dict[str, str], run_id: str) -> dict[str, str]:
-    return run_train(cfg, tokenized, run_id)
+    return run_train(cfg, tokenized, run_id, on_progress=_progress_artifact())
 
 
 @task(name="eval-source", **KEEP)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -361,8 +362,16 @@ def steps_for_epochs(cfg: Config, train_path: str) -> Config:
     return cfg.model_copy(update={"train": t.model_copy(update={"max_steps": steps})})
 
 
-def run_train(cfg: Config, tokenized: dict[str, str], mlflow_run_id: str | None = None) -> dict[str, str]:
+# A progress line as the training process prints it (chat_doctor/train_callbacks.py Progress).
+PROGRESS = re.compile(r"^step (\d+)/(\d+) \(\d+%\) loss (\S+), ([\d,]+) tokens/s, ETA (\d+:\d\d)")
+
+
+def run_train(
+    cfg: Config, tokenized: dict[str, str], mlflow_run_id: str | None = None, on_progress=None
+) -> dict[str, str]:
     """Train in child process(es), so that out-of-memory frees all of its memory; return the outputs.
+
+    `on_progress`, if given, gets {step, steps, loss, tokens_per_s, eta} at each logging step.
 
     Raises OutOfMemory (after recording half the micro-batch for the next attempt, which resumes
     from the last complete checkpoint) or TrainingFailed for anything else, a kill included.
@@ -393,6 +402,9 @@ def run_train(cfg: Config, tokenized: dict[str, str], mlflow_run_id: str | None 
     with subprocess.Popen(launch_command(cfg, spec), stdout=subprocess.PIPE, text=True) as child:
         for line in child.stdout:
             print(line.rstrip(), flush=True)
+            if on_progress and (found := PROGRESS.match(line)):
+                step, steps, loss, rate, eta = found.groups()
+                on_progress({"step": int(step), "steps": int(steps), "loss": loss, "tokens_per_s": rate, "eta": eta})
     results = _outcomes(run_dir)
     if child.returncode == 0 and results and results[0].get("adapter"):
         return results[0]

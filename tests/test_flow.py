@@ -104,6 +104,23 @@ def test_flow_trains_registers_and_versions_data(shared):
     assert any(name.endswith(lora_b.removesuffix(".weight") + ".default.weight") for name in live)
 
 
+def test_training_progress_is_shown_where_users_look(shared):
+    """The `train-progress` artifact (Prefect UI: a bar and the latest step line) follows training."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    flow_run_id = shared.first.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    progress = [a for a in found if a.key == "train-progress"]
+    assert progress, [a.key for a in found]
+    last = max(progress, key=lambda a: a.updated)
+    assert last.type == "progress" and float(last.data) == 100.0
+    assert last.description.startswith("step 10/10: loss ") and "tokens/s, ETA 0:00" in last.description
+
+
 def test_a_second_run_reuses_the_data_and_its_worse_adapter_stays_candidate(shared):
     """Same data, fewer steps: the data steps come from Prefect's cache; v2 does not beat v1."""
     states = task_states(shared.second.state_details.flow_run_id)
