@@ -18,7 +18,8 @@ def check_before_data(cfg: Config) -> None:
 
 
 def check_device(cfg: Config) -> None:
-    """GPU-only settings need a GPU that has what they use; otherwise say which key to set."""
+    """GPU-only settings need a GPU that has what they use; otherwise say, at once, every key to set
+    (a T4-class GPU gets the preset's recipe with sdpa attention and fp16, liger where it runs)."""
     import torch
 
     t = cfg.train
@@ -29,21 +30,24 @@ def check_device(cfg: Config) -> None:
             raise ConfigError("train.attention = varlen needs a CUDA GPU; on a CPU set train.attention: sdpa")
         return
     name, (major, minor) = torch.cuda.get_device_name(), torch.cuda.get_device_capability()
+    problems = []
     if t.attention == VARLEN and major < 8:
-        raise ConfigError(
-            f"train.attention = varlen needs flash attention (compute capability 8.0+); this {name} has "
-            f"{major}.{minor}: set train.attention: sdpa"
+        problems.append(
+            f"train.attention = varlen needs flash attention (compute capability 8.0+, this GPU has "
+            f"{major}.{minor}): set train.attention: sdpa"
         )
     if cfg.model.compute_dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"model.compute_dtype = bfloat16: this {name} has no bf16; set model.compute_dtype: auto")
+        problems.append("model.compute_dtype = bfloat16: this GPU has no bf16; set model.compute_dtype: auto (fp16)")
     if t.kernels == "liger":
         try:
             import liger_kernel  # noqa: F401
         except ImportError:
-            raise ConfigError(
-                "train.kernels = liger needs the liger-kernel package: `make venv EXTRAS=dev,gpu`, "
-                "or set train.kernels: none"
-            ) from None
+            problems.append(
+                "train.kernels = liger needs the liger-kernel package: `make venv EXTRAS=dev,gpu`, or set "
+                "train.kernels: none"
+            )
+    if problems:
+        raise ConfigError(f"on this {name}:\n" + "\n".join(problems))
 
 
 def check_base(cfg: Config) -> None:
