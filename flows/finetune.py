@@ -180,8 +180,6 @@ def _only_out_of_memory(task, task_run, state) -> bool:
     return isinstance(state.result(raise_on_failure=False), OutOfMemory)
 
 
-# Retries are bounded by the halvings themselves: run_train stops below micro-batch 1 with what to
-# change. On an H100, Mistral-7B shapes at 1,024 tokens needed four (64 -> 4; bench/RESULTS.md).
 def _progress_artifact():
     """Updates the `train-progress` artifact (a bar and a line in the Prefect UI) at each logging step."""
     made: dict[str, object] = {}
@@ -197,6 +195,8 @@ def _progress_artifact():
     return update
 
 
+# Retries are bounded by the halvings themselves: run_train stops below micro-batch 1 with what to
+# change. On an H100, Mistral-7B shapes at 1,024 tokens needed four (64 -> 4; bench/RESULTS.md).
 @task(name="train", retries=8, retry_condition_fn=_only_out_of_memory, **KEEP)
 def train(cfg: Config, tokenized: dict[str, str], run_id: str) -> dict[str, str]:
     return run_train(cfg, tokenized, run_id, on_progress=_progress_artifact())
