@@ -73,7 +73,13 @@ def _key(*parts: str) -> str:
 def _source_key(ctx, params) -> str:
     cfg = params["cfg"]
     local = Path(cfg.source).expanduser()
-    source = content_hash(local) if local.exists() else f"{cfg.source}@{cfg.revision}:{cfg.split}"
+    if local.exists():
+        try:
+            source = content_hash(local)
+        except FileNotFoundError:  # an empty folder: the sample step itself says what is wrong
+            source = "(empty)"
+    else:
+        source = f"{cfg.source}@{cfg.revision}:{cfg.split}"  # a hub id: the revision names the content
     return _key("sample", section_hash(cfg), source)
 
 

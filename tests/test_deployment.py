@@ -182,6 +182,7 @@ def test_registration_faults_are_cleaned_up_by_flow_run_retry(deployed, tmp_path
     # Same data and settings as run 1: training resumed from checkpoint-4, its end, so no step ran.
     assert client.get_metric_history(run.info.run_id, "train/loss") == []
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    mlflow.set_tracking_uri(tracking_uri())  # models:/ URIs resolve against the global one
     loaded = mlflow.transformers.load_model(f"models:/{MODEL}@candidate", return_type="components")
     assert loaded["model"].peft_config["default"].r == 16
 
@@ -226,6 +227,7 @@ def test_sigkilled_training_resumes_when_the_deployment_runs_again(project, pref
     client = mlflow.MlflowClient(tracking_uri())
     version = client.get_model_version_by_alias("chat-doctor-adapter", "candidate")
     assert [m.step for m in client.get_metric_history(version.run_id, "train/loss")] == [3, 4, 5, 6]
+    mlflow.set_tracking_uri(tracking_uri())  # models:/ URIs resolve against the global one
     loaded = mlflow.transformers.load_model("models:/chat-doctor-adapter@candidate", return_type="components")
     assert loaded["model"].peft_config["default"].r == 16
 

@@ -94,6 +94,7 @@ def test_flow_trains_registers_and_versions_data(shared):
     assert changed == "", f"the flow changed tracked files (is the committed dvc.lock stale? run dvc repro):\n{changed}"
     assert list(Path("dvc-remote").rglob("*")), "dvc push left the default remote empty"
     # The registered adapter loads back from the alias, with the trained weights.
+    mlflow.set_tracking_uri(tracking_uri())  # models:/ URIs resolve against the global one
     loaded = mlflow.transformers.load_model("models:/chat-doctor-adapter@champion", return_type="components")
     from safetensors.torch import load_file
 
