@@ -9,7 +9,7 @@ CHAT_DOCTOR_FAULTS=oom_at_step=3,kill_at_save=4 (comma-separated NAME=VALUE):
   eval_oom_at_batch=N  out-of-memory whenever an evaluation batch has N rows
 
 The training and registration faults fire once per run folder (a marker there records it), so the
-retry that follows gets past them. Each process that arms one says so in its log.
+retry that follows gets past them. Each fault says so in the log when it fires.
 """
 
 from __future__ import annotations
