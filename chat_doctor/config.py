@@ -140,16 +140,27 @@ class LoraConfig(_Section):
 
 
 class TrainConfig(_Section):
-    max_steps: int = Field(
-        60, gt=0, description="Optimizer steps (derived from `epochs` when that is set, and printed)."
+    max_steps: int | None = Field(
+        60, gt=0, description="Optimizer steps; null (the default when `epochs` is set) = derived from epochs."
     )
     epochs: float | None = Field(
         None,
         gt=0,
-        description="Passes over the training rows. When set, the train step derives max_steps from the "
-        "tokenized data (rows, or bins with pack_length, over the effective batch), prints it and tags it on "
-        "the MLflow run. A train.max_steps you set yourself clears a preset's epochs.",
+        description="Passes over the training rows, instead of max_steps. The train step derives the steps "
+        "from the tokenized data (rows, or bins with pack_length, over the effective batch), prints them and "
+        "tags them on the MLflow run (train.max_steps_used). A train.max_steps you set yourself clears a "
+        "preset's epochs; setting both yourself is an error.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _steps_or_epochs(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("epochs") is not None:
+            if data.get("max_steps") is not None:
+                raise ValueError("set train.max_steps or train.epochs, not both (set the other to null)")
+            return {**data, "max_steps": None}
+        return data
+
     micro_batch_size: int = Field(
         4, gt=0, description="Rows (bins, with pack_length) per forward pass; halved on out-of-memory."
     )
@@ -224,6 +235,8 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _settings_fit_together(self) -> TrainConfig:
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("set train.max_steps or train.epochs (both are null)")
         if self.attention == "varlen" and not self.packing:
             raise ValueError("train.attention = varlen needs train.packing: true (it attends within packed rows)")
         if self.pack_length and not self.packing:

@@ -37,7 +37,7 @@ def render_card(cfg: Config, lineage: dict, report: dict | None, promotion: str 
         f"{cfg.data.seed}, {cfg.data.eval_fraction:.0%} held out. DVC hashes (`dvc.lock`):\n\n"
         f"{data_hashes or '- not recorded'}\n",
         f"## Training\n\nLoRA r={lora['r']}, alpha={lora['alpha']}, dropout={lora['dropout']} on "
-        f"{', '.join(lora['target_modules'])}; {cfg.train.max_steps} steps, learning rate "
+        f"{', '.join(lora['target_modules'])}; {_length(cfg.train)}, learning rate "
         f"{cfg.train.learning_rate}, base in {quantized}. "
         f"Config hash `{section_hash(cfg)[:16]}`.\n",
     ]
@@ -60,3 +60,7 @@ def write_cards(cfg: Config, folders: dict[str, str], lineage: dict, report_path
     for kind, folder in folders.items():
         write_text(Path(folder) / "README.md", render_card(cfg, lineage, report, promotion, kind))
     return render_card(cfg, lineage, report, promotion, "adapter")
+
+
+def _length(train) -> str:
+    return f"{train.max_steps} steps" if train.max_steps is not None else f"{train.epochs:g} epoch(s)"

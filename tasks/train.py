@@ -236,6 +236,8 @@ def train_in_process(
     its share of each step; the first one logs and writes the adapter.
     """
     run_dir = run_dir or run_dir_for(cfg, tokenized)
+    if cfg.train.max_steps is None:  # called directly, not through run_train, which derives them
+        cfg = steps_for_epochs(cfg, tokenized["train"])
     checkpoints = run_dir / "checkpoints"
     main = is_main_process()
     micro, accum = split_for_processes(cfg.train, world_size())  # this process's share of each step
@@ -345,7 +347,7 @@ def _outcomes(run_dir: Path) -> list[dict]:
 
 
 def steps_for_epochs(cfg: Config, train_path: str) -> Config:
-    """The config with max_steps derived from train.epochs (unchanged when epochs is not set)."""
+    """The config with train.max_steps derived from train.epochs (unchanged when epochs is not set)."""
     t = cfg.train
     if not t.epochs:
         return cfg
@@ -359,7 +361,9 @@ def steps_for_epochs(cfg: Config, train_path: str) -> Config:
     steps = max(1, math.ceil(t.epochs * per_epoch))
     what = f"{len(lengths):,} rows in {units:,} bins" if t.pack_length else f"{units:,} rows"
     print(f"train.epochs = {t.epochs:g}: {steps} steps ({what}, {effective_batch(t)} a step, {per_epoch} an epoch)")
-    return cfg.model_copy(update={"train": t.model_copy(update={"max_steps": steps})})
+    # The steps replace the epochs: what the training processes, the run folder and the saved
+    # config see is the number of steps that really run.
+    return cfg.model_copy(update={"train": t.model_copy(update={"max_steps": steps, "epochs": None})})
 
 
 # A progress line as the training process prints it (chat_doctor/train_callbacks.py Progress).

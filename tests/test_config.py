@@ -53,8 +53,9 @@ def test_a_choice_in_params_yaml_wins_over_the_preset(tmp_path):
     assert (cfg.data.rows, cfg.data.source, cfg.train.epochs) == (1000, "lavita/ChatDoctor-HealthCareMagic-100k", 1)
     write_params(params, {"train.max_steps": 20})  # steps set by hand win over the preset's epochs
     assert (load_config(params).train.max_steps, load_config(params).train.epochs) == (20, None)
-    both = load_config(params, {"train.epochs": 2})  # unless epochs is set by hand too
-    assert both.train.epochs == 2
+    with pytest.raises(ConfigError, match=r"set train.max_steps or train.epochs, not both"):
+        load_config(params, {"train.epochs": 2})  # both set by hand
+    assert load_config(params, {"train.epochs": 2, "train.max_steps": None}).train.epochs == 2
 
 
 def test_mistral_7b_preset_is_the_fast_recipe():
