@@ -70,8 +70,7 @@ def _key(*parts: str) -> str:
     return hashlib.sha256("|".join([str(Path.cwd()), *parts]).encode()).hexdigest()
 
 
-def _source_key(ctx, params) -> str:
-    cfg = params["cfg"]
+def _sample_key(cfg) -> str:
     local = Path(cfg.source).expanduser()
     if local.exists():
         try:
@@ -83,10 +82,13 @@ def _source_key(ctx, params) -> str:
     return _key("sample", section_hash(cfg), source)
 
 
-def _tokenize_key(ctx, params) -> str:
-    processed = params["processed"]
+def _tokenize_key(cfg, model_cfg, processed: dict[str, str]) -> str:
     inputs = [content_hash(Path(processed[s])) for s in ("train", "eval")]
-    return _key("tokenize", section_hash(params["cfg"], params["model_cfg"]), *inputs)
+    return _key("tokenize", section_hash(cfg, model_cfg), *inputs)
+
+
+def _given_key(ctx, params) -> str:
+    return params["key"]  # computed once by the caller, which also checks the outputs against it
 
 
 @task(name="prepare-config")
@@ -117,36 +119,37 @@ def start_tracking(cfg: Config) -> str:
 KEEP = {"persist_result": True, "result_serializer": "json"}
 
 
-@task(name="sample", cache_key_fn=_source_key, **KEEP)
-def sample(cfg) -> dict[str, str]:
+@task(name="sample", cache_key_fn=_given_key, **KEEP)
+def sample(cfg, key: str) -> dict[str, str]:
     if not Path(cfg.source).expanduser().exists() and not cfg.revision:
         print(
             f"warning: data.source {cfg.source!r} has no data.revision: the cache and DVC cannot see a new "
             "commit of the dataset; pin data.revision for a reproducible run"
         )
     paths = run_sample(cfg)
-    step_cache.record("sample", _source_key(None, {"cfg": cfg}), PROCESSED_DIR)
+    step_cache.record("sample", key, PROCESSED_DIR)
     return paths
 
 
-@task(name="tokenize", cache_key_fn=_tokenize_key, **KEEP)
-def tokenize(cfg, model_cfg, processed: dict[str, str]) -> dict[str, str]:
+@task(name="tokenize", cache_key_fn=_given_key, **KEEP)
+def tokenize(cfg, model_cfg, processed: dict[str, str], key: str) -> dict[str, str]:
     paths = run_tokenize(cfg, model_cfg, processed)
-    key = _tokenize_key(None, {"cfg": cfg, "model_cfg": model_cfg, "processed": processed})
     step_cache.record("tokenize", key, TOKENIZED_DIR)
     return paths
 
 
 def _sample_cached(cfg):
-    """`sample`, taken from Prefect's cache only while data/processed still holds what it made."""
-    fresh = step_cache.still_holds("sample", _source_key(None, {"cfg": cfg}), PROCESSED_DIR)
-    return sample.with_options(refresh_cache=not fresh)(cfg)
+    """`sample`, keyed on its inputs and taken from Prefect's cache only while data/processed still
+    holds what it made under that key."""
+    key = _sample_key(cfg)
+    fresh = step_cache.still_holds("sample", key, PROCESSED_DIR)
+    return sample.with_options(refresh_cache=not fresh)(cfg, key)
 
 
 def _tokenize_cached(cfg, model_cfg, processed: dict[str, str]):
-    key = _tokenize_key(None, {"cfg": cfg, "model_cfg": model_cfg, "processed": processed})
+    key = _tokenize_key(cfg, model_cfg, processed)
     fresh = step_cache.still_holds("tokenize", key, TOKENIZED_DIR)
-    return tokenize.with_options(refresh_cache=not fresh)(cfg, model_cfg, processed)
+    return tokenize.with_options(refresh_cache=not fresh)(cfg, model_cfg, processed, key)
 
 
 @task(name="version-data", **KEEP)
