@@ -288,6 +288,11 @@ class MergeConfig(_Section):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Full-precision base the adapter is merged into; auto = bf16 on GPU, fp32 on CPU."
     )
+    device: Literal["auto", "cpu"] = Field(
+        "auto",
+        description="auto = the GPU when there is one; cpu = in host memory, for a GPU smaller than the "
+        "full-precision base (7B in bf16: ~15 GB of host memory, ~1 minute).",
+    )
 
 
 class EvaluateConfig(_Section):
@@ -297,6 +302,11 @@ class EvaluateConfig(_Section):
     )
     max_new_tokens: int = Field(125, gt=0, description="Generation limit per answer (the original's 125).")
     repetition_penalty: float = Field(1.15, ge=1.0, description="The original notebook's setting; 1.0 = off.")
+    load_in_4bit: bool = Field(
+        False,
+        description="Score the models as QLoRA serves them: the 4-bit base, with the adapter for the tuned "
+        "model, instead of the full-precision base and merged model (7B: ~5 GiB of GPU memory, not ~16).",
+    )
     source: str | None = Field(
         None,
         description="Extra eval rows besides the eval split, e.g. held-out real rows: a local file or folder "
@@ -447,9 +457,11 @@ _FAST = {
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu-tiny": {},
     "mistral-7b": deep_merge(_MISTRAL_7B, _FAST),
-    # Least GPU memory: the fast recipe on the same micro-batches, recomputing each layer in the
-    # backward pass from its input, which waits in CPU memory (5.5 GiB at 1.08x unsloth; kept on
-    # the GPU: 6.9 GiB; 2 bins a micro-batch: 5.6 GiB at 0.66x unsloth, launch-bound).
+    # Least GPU memory, for a 16 GiB card: the fast recipe on the same micro-batches, recomputing
+    # each layer in the backward pass from its input, which waits in CPU memory (5.5 GiB at 1.08x
+    # unsloth; kept on the GPU: 6.9 GiB; 2 bins a micro-batch: 5.6 GiB at 0.66x unsloth,
+    # launch-bound). The bf16 base (14.5 GB) is merged in host memory and evaluation runs on the
+    # 4-bit base, so no step needs more GPU memory than training.
     "mistral-7b-lean": deep_merge(
         deep_merge(_MISTRAL_7B, _FAST),
         {
@@ -457,7 +469,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "optim": "paged_adamw_8bit",
                 "gradient_checkpointing": True,
                 "checkpoint_offload": True,
-            }
+            },
+            "merge": {"device": "cpu", "dtype": "bfloat16"},
+            "evaluate": {"load_in_4bit": True},
         },
     ),
     # The original Chat-Doctor notebook's recipe (unpacked rows, fp32 norms and lm_head, checkpointing).

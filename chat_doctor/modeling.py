@@ -65,11 +65,12 @@ def load_base_model(
     quantized: bool,
     dtype_name: str | None = None,
     attention: str = "sdpa",
+    on_cpu: bool = False,
 ):
     """The base model, 4-bit (NF4 by default) for training, or full precision for merge and eval.
 
     The 4-bit weights are stored as `compute_dtype`, so FSDP can shard them with the rest. Each
-    data-parallel process loads its copy onto its own GPU.
+    data-parallel process loads its copy onto its own GPU; `on_cpu` keeps it in host memory.
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -87,7 +88,7 @@ def load_base_model(
         base_location(cfg),
         revision=cfg.revision,
         dtype=compute_dtype,
-        device_map={"": local_device()},
+        device_map={"": "cpu" if on_cpu else local_device()},
         attn_implementation=attention,
         trust_remote_code=cfg.trust_remote_code,
         use_safetensors=True,  # never unpickle weights
@@ -100,12 +101,19 @@ class UnsafeWeights(ValueError):
     """Weights offered only as a pickle (`.bin`, `.pt`): chat-doctor loads safetensors only."""
 
 
-def load_adapter(model, folder: str | Path):
-    """`model` with the PEFT adapter in `folder`, from its safetensors file only (a pickle can run code)."""
+def load_adapter(model, folder: str | Path, name: str | None = None):
+    """`model` with the PEFT adapter in `folder`, from its safetensors file only (a pickle can run code).
+
+    With `name`, `model` is already a PeftModel: the adapter is added beside its others and made active.
+    """
     from peft import PeftModel
 
     folder = Path(folder)
     if not (folder / "adapter_model.safetensors").is_file():
         found = sorted(p.name for p in folder.glob("adapter_model.*")) or "no adapter weights"
         raise UnsafeWeights(f"{folder}: no adapter_model.safetensors ({found}); only safetensors weights are loaded")
-    return PeftModel.from_pretrained(model, str(folder))  # peft reads the safetensors file when there is one
+    if name is None:
+        return PeftModel.from_pretrained(model, str(folder))  # peft reads the safetensors file when there is one
+    model.load_adapter(str(folder), adapter_name=name)
+    model.set_adapter(name)
+    return model

@@ -132,13 +132,21 @@ def _score(model, tokenizer, sets: dict, cfg: Config) -> dict:
     return out
 
 
+def _comparable(cfg: Config, key: str, champion: dict) -> str | None:
+    """Why the champion needs no scoring here, or None when it must be scored on these rows."""
+    if champion.get("eval_key") == key:
+        return "registered (same rows and settings)"
+    if (champion.get("base_model"), champion.get("base_revision")) != (cfg.model.base, str(cfg.model.revision)):
+        return f"not comparable: trained on base {champion.get('base_model')!r}"
+    return None
+
+
 def _champion(cfg: Config, base, tokenizer, sets: dict, key: str, champion: dict) -> tuple[dict | None, str]:
     """(champion's scores on these sets, or None when there is nothing to score; where its figures
     come from). Merges the champion's adapter into `base`."""
-    if champion.get("eval_key") == key:
-        return None, "registered (same rows and settings)"
-    if (champion.get("base_model"), champion.get("base_revision")) != (cfg.model.base, str(cfg.model.revision)):
-        return None, f"not comparable: trained on base {champion.get('base_model')!r}"
+    comparable = _comparable(cfg, key, champion)
+    if comparable is not None:
+        return None, comparable
     from chat_doctor.registry import download_adapter
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,21 +155,10 @@ def _champion(cfg: Config, base, tokenizer, sets: dict, key: str, champion: dict
     return _score(merged, tokenizer, sets, cfg), "scored again on these rows"
 
 
-def run_evaluate(
-    cfg: Config,
-    tokenized_eval: str,
-    processed_eval: str,
-    merged: str,
-    eval_source: dict | None = None,
-    champion: dict | None = None,
-) -> dict:
-    """Score base, tuned (and champion); write the report files; return their paths."""
+def _score_full(cfg: Config, tokenizer, sets: dict, key: str, merged: str, champion: dict | None):
+    """Base, tuned (the merged model) and champion in full precision: what an export would serve."""
     from transformers import AutoModelForCausalLM
 
-    tokenizer = load_tokenizer(cfg.model, merged)
-    sets = _eval_sets(cfg, tokenizer, tokenized_eval, processed_eval, eval_source)
-    gate = "source" if eval_source else "eval_split"
-    key = eval_key(cfg, sets[gate]["path"])
     scores = {}
     base = load_base_model(cfg.model, quantized=False, dtype_name=cfg.merge.dtype)
     scores["base"] = _score(base, tokenizer, sets, cfg)
@@ -173,6 +170,45 @@ def run_evaluate(
         merged, dtype=resolve_dtype(cfg.merge.dtype), device_map={"": device()}, use_safetensors=True
     )
     scores["tuned"] = _score(tuned, tokenizer, sets, cfg)
+    return scores, champion_scores, champion_figures
+
+
+def _score_4bit(cfg: Config, tokenizer, sets: dict, key: str, merged: str, champion: dict | None):
+    """Base, tuned and champion as QLoRA serves them: one 4-bit base, the adapters switched on it."""
+    from chat_doctor.registry import download_adapter
+
+    model = load_adapter(load_base_model(cfg.model, quantized=True), Path(merged).parent / "adapter")
+    model.eval()
+    with model.disable_adapter():
+        scores = {"base": _score(model, tokenizer, sets, cfg)}
+    scores["tuned"] = _score(model, tokenizer, sets, cfg)
+    if not champion:
+        return scores, None, None
+    if (comparable := _comparable(cfg, key, champion)) is not None:
+        return scores, None, comparable
+    with tempfile.TemporaryDirectory() as tmp:
+        load_adapter(model, download_adapter(cfg.registry.model_name, champion["version"], Path(tmp)), "champion")
+    return scores, _score(model, tokenizer, sets, cfg), "scored again on these rows"
+
+
+def run_evaluate(
+    cfg: Config,
+    tokenized_eval: str,
+    processed_eval: str,
+    merged: str,
+    eval_source: dict | None = None,
+    champion: dict | None = None,
+) -> dict:
+    """Score base, tuned (and champion); write the report files; return their paths."""
+    tokenizer = load_tokenizer(cfg.model, merged)
+    sets = _eval_sets(cfg, tokenizer, tokenized_eval, processed_eval, eval_source)
+    gate = "source" if eval_source else "eval_split"
+    key = eval_key(cfg, sets[gate]["path"])
+    scores = {}
+    if cfg.evaluate.load_in_4bit:
+        scores, champion_scores, champion_figures = _score_4bit(cfg, tokenizer, sets, key, merged, champion)
+    else:
+        scores, champion_scores, champion_figures = _score_full(cfg, tokenizer, sets, key, merged, champion)
     if champion_scores:
         scores["champion"] = champion_scores
     report = {

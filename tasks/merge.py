@@ -3,7 +3,8 @@
 Reads params sections `model`, `tokenize` (template) and `merge`. Input: `runs/<run>/adapter/` and
 the data lineage. Output: `runs/<run>/merged/` (safetensors + tokenizer + model card README.md),
 written atomically. The base is loaded in bf16/fp16/fp32, never 4 bit: merging into quantized
-weights would round the adapter's delta away. Before saving, the merged model is judged against
+weights would round the adapter's delta away; `merge.device: cpu` does it in host memory for a GPU
+smaller than that copy. Before saving, the merged model is judged against
 the adapter's own effect on a few prompts: it must keep most of what the adapter changes in the
 base's logits, or nothing is saved.
 """
@@ -52,7 +53,7 @@ def _logits(model, tokenizer, template: str):
 def run_merge(cfg: Config, adapter: str, lineage: dict | None = None) -> dict:
     """Merge `adapter` into the base, judge the logits, save; return the folder and the figures."""
     tokenizer = load_tokenizer(cfg.model, adapter)
-    base = load_base_model(cfg.model, quantized=False, dtype_name=cfg.merge.dtype)
+    base = load_base_model(cfg.model, quantized=False, dtype_name=cfg.merge.dtype, on_cpu=cfg.merge.device == "cpu")
     with_adapter = load_adapter(base, adapter)
     adapted = _logits(with_adapter, tokenizer, cfg.tokenize.template)
     with with_adapter.disable_adapter():

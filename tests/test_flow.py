@@ -210,6 +210,28 @@ def test_an_eval_source_of_real_rows_rescores_the_champion_on_them(shared, tmp_p
     assert "eval/tuned_loss" in run_metrics  # the eval split is still reported
 
 
+def test_4bit_evaluation_scores_base_tuned_and_champion_on_one_quantized_base(shared, tmp_path, monkeypatch):
+    """`evaluate.load_in_4bit` (the lean preset): base, tuned and the champion are the 4-bit base
+    with no adapter, this run's adapter and the champion's adapter from the registry."""
+    from chat_doctor.registry import champion_record
+    from tasks.evaluate import run_evaluate
+
+    monkeypatch.chdir(copy_of_shared(shared, tmp_path / "project"))
+    cfg = load_config("params.yaml", {**FAST, **QUICK_EVAL, "evaluate.load_in_4bit": True})
+    champion = champion_record(cfg.registry.model_name, cfg.registry.champion_alias)
+    merged = Path("runs") / shared.run_dir.name / "merged"  # v1's run: its adapter is the champion's
+    paths = run_evaluate(cfg, "data/tokenized/eval.arrow", "data/processed/eval.jsonl", str(merged), None, champion)
+    report = json.loads(Path(paths["report"]).read_text())
+    # The champion's registered figures came from full-precision models: another eval key.
+    assert report["champion"] == {"version": 1, "figures": "scored again on these rows"}
+    models = report["sets"]["eval_split"]["models"]
+    full = json.loads((shared.run_dir / "eval" / "report.json").read_text())["sets"]["eval_split"]["models"]
+    assert models["tuned"]["loss"] < models["base"]["loss"] - 0.1  # the adapter is on for tuned, off for base
+    assert models["champion"]["loss"] == pytest.approx(models["tuned"]["loss"], rel=1e-4)  # the same adapter
+    assert models["tuned"]["loss"] != full["tuned"]["loss"]  # 4-bit weights, not the merged fp32 ones
+    assert models["tuned"]["loss"] == pytest.approx(full["tuned"]["loss"], rel=0.2)
+
+
 @pytest.mark.full
 @needs_real_rows()
 def test_flow_on_real_rows(project, prefect_server):
