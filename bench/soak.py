@@ -43,7 +43,8 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 MODEL = "chat-doctor-adapter"
 STEPS = 6
-RUN = {"train.max_steps": STEPS, "train.save_steps": 2, "train.logging_steps": 1}
+# On the tiny random base: the soak is about faults and recovery, and dozens of runs must be quick.
+RUN = {"preset": "cpu-tiny", "train.max_steps": STEPS, "train.save_steps": 2, "train.logging_steps": 1}
 QUICK = {"evaluate.rows": 2, "evaluate.max_new_tokens": 8}
 
 

@@ -21,7 +21,9 @@ PARAMS_FILE = "params.yaml"
 # Data outputs tracked by DVC (dvc.yaml names the same folders).
 PROCESSED_DIR = Path("data/processed")
 TOKENIZED_DIR = Path("data/tokenized")
-TINY = "tiny"  # the embedded base model, built offline from a fixed seed
+TINY = "tiny"  # embedded: a tiny random Mistral from a fixed seed (fast tests of every code path)
+SMOLLM2 = "smollm2-135m"  # embedded: SmolLM2-135M-Instruct, a real small model (the demo)
+EMBEDDED = (TINY, SMOLLM2)  # built offline under models/ by chat_doctor/embedded.py
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -54,7 +56,9 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    base: str = Field(TINY, description="`tiny` (embedded), a hub id, or a local folder.")
+    base: str = Field(
+        TINY, description="`tiny` or `smollm2-135m` (embedded, built offline), a hub id, or a local folder."
+    )
     revision: str | None = Field(None, description="Hub revision (commit, tag) of `base`.")
     load_in_4bit: bool = Field(True, description="QLoRA: base weights in 4 bit. False = plain LoRA, more memory.")
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="nf4 suits normally distributed weights.")
@@ -67,7 +71,7 @@ class ModelConfig(_Section):
     @field_validator("base")
     @classmethod
     def _base_exists(cls, value: str) -> str:
-        if value == TINY:
+        if value in EMBEDDED:
             return value
         if is_local(value):
             path = Path(value).expanduser()
@@ -75,7 +79,10 @@ class ModelConfig(_Section):
                 raise ValueError(f"{value!r} is not a model folder (no config.json there)")
             return value
         if not HUB_ID.match(value):
-            raise ValueError(f"{value!r} is neither `tiny`, a hub id like org/name, nor an existing folder")
+            raise ValueError(
+                f"{value!r} is neither an embedded base ({', '.join(EMBEDDED)}), a hub id like org/name, "
+                "nor an existing folder"
+            )
         return value
 
 
@@ -114,8 +121,10 @@ class DataConfig(_Section):
 
 
 class TokenizeConfig(_Section):
-    template: Literal["original", "mistral-inst"] = Field(
-        "original", description="`original`: the Chat-Doctor prompt; `mistral-inst`: [INST] ... [/INST]."
+    template: Literal["original", "mistral-inst", "chatml"] = Field(
+        "original",
+        description="`original`: the Chat-Doctor prompt; `mistral-inst`: [INST] ... [/INST]; `chatml`: "
+        "<|im_start|>user ... <|im_end|> (SmolLM2, Qwen and other ChatML instruct models).",
     )
     max_length: int = Field(512, ge=16, description="Tokens per row incl. EOS; longer answers are cut, EOS kept.")
     loss_on: Literal["completion", "all"] = Field(
@@ -456,6 +465,23 @@ _FAST = {
 }
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu-tiny": {},
+    # The demo: SmolLM2-135M-Instruct (real weights, embedded) fine-tuned in 4 bit on the bundled
+    # sample, sized for `make demo` on 2 CPU cores (~4.5 s a step). 12 steps of 4 rows: it has
+    # learnt to stop (EOS on 15 of 16 real HealthCareMagic questions, base 0); more steps only fit
+    # the sample's templates (bench/RESULTS.md).
+    "smollm2-135m": {
+        "model": {"base": SMOLLM2},
+        "tokenize": {"template": "chatml"},
+        "train": {
+            "max_steps": 12,
+            "micro_batch_size": 4,
+            "grad_accum": 1,
+            "learning_rate": 5e-4,
+            "logging_steps": 2,
+            "save_steps": 4,
+        },
+        "evaluate": {"rows": 8},
+    },
     "mistral-7b": deep_merge(_MISTRAL_7B, _FAST),
     # Least GPU memory, for a 16 GiB card: the fast recipe on the same micro-batches, recomputing
     # each layer in the backward pass from its input, which waits in CPU memory (5.5 GiB at 1.08x

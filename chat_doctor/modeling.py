@@ -1,6 +1,6 @@
 """Loading the base model and tokenizer the same way for every step and the chat UI.
 
-`model.base` is `tiny` (the embedded model), a hub id, or a local folder. QLoRA loads it in 4 bit
+`model.base` is an embedded base (`tiny`, `smollm2-135m`), a hub id, or a local folder. QLoRA loads it in 4 bit
 through bitsandbytes (on CUDA and on the CPU alike); merging and evaluation load it in full precision.
 """
 
@@ -9,15 +9,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from chat_doctor.config import TINY, ModelConfig
+from chat_doctor.config import EMBEDDED, ModelConfig
 
 
 def base_location(cfg: ModelConfig) -> str:
     """What `from_pretrained` gets: a local folder, or a hub id (resolved from the local cache offline)."""
-    if cfg.base == TINY:
-        from chat_doctor.embedded import ensure_tiny_model
+    if cfg.base in EMBEDDED:
+        from chat_doctor.embedded import ensure_embedded
 
-        return str(ensure_tiny_model())
+        return str(ensure_embedded(cfg.base))
     return str(Path(cfg.base).expanduser()) if Path(cfg.base).expanduser().exists() else cfg.base
 
 

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from chat_doctor.attention import VARLEN
-from chat_doctor.config import TINY, Config, ConfigError, is_local
+from chat_doctor.config import EMBEDDED, Config, ConfigError, is_local
 
 
 def check_before_data(cfg: Config) -> None:
@@ -54,10 +54,13 @@ def check_base(cfg: Config) -> None:
     """The base's config and weight files, and that every LoRA target is one of its modules,
     read from the files' headers (no weights are loaded)."""
     base = cfg.model.base
-    if base == TINY:
-        from chat_doctor.embedded import ensure_tiny_model
+    if base in EMBEDDED:
+        from chat_doctor.embedded import ensure_embedded
 
-        folder = ensure_tiny_model()
+        try:
+            folder = ensure_embedded(base)
+        except FileNotFoundError as err:  # the package that ships its weights is not installed
+            raise ConfigError(str(err)) from None
     elif is_local(base):
         folder = Path(base).expanduser()
     else:

@@ -20,7 +20,7 @@ from pathlib import Path
 from chat_doctor import faults
 from chat_doctor.config import Config
 from chat_doctor.eval_report import gate_models
-from chat_doctor.model_card import write_cards
+from chat_doctor.model_card import base_provenance, write_cards
 from chat_doctor.modeling import base_location, load_adapter, load_base_model, load_tokenizer, resolve_dtype
 from chat_doctor.registry import (
     REGISTRATION,
@@ -122,6 +122,7 @@ def run_register(cfg: Config, mlflow_run_id: str, adapter: str, merged: str, eva
         "eval.set": report["gate_set"],
         "base_model": cfg.model.base,
         "base_revision": str(cfg.model.revision),
+        "base_source": base_provenance(cfg.model),
         "promotion.metric": reg.promote_metric,
         "promotion.decision": "promoted" if promote else "not promoted",
         "promotion.reason": reason,

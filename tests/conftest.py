@@ -8,6 +8,7 @@ another door, something a `make test` test proves too); `make test-all` runs the
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -25,6 +26,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 REAL_ROWS = SHARED_DATA / "healthcaremagic_400"
+TEST_PRESET = "cpu-tiny"
 QUICK_EVAL = {"evaluate.rows": 2, "evaluate.max_new_tokens": 8}  # a couple of short answers per model
 
 
@@ -32,8 +34,9 @@ def _git(cwd: Path, *args: str) -> None:
     subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
 
 
-def copy_project(dest: Path) -> Path:
-    """The committed and working-tree files of the project (what a fresh clone has), as a new repo."""
+def copy_project(dest: Path, preset: str | None = TEST_PRESET) -> Path:
+    """The committed and working-tree files of the project (what a fresh clone has), as a new repo,
+    with params.yaml's preset set to the tests' own (None: as shipped)."""
     listed = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
         cwd=REPO,
@@ -45,6 +48,10 @@ def copy_project(dest: Path) -> Path:
         if (REPO / name).is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, dest / name)
+    # The tests run on the tiny random Mistral (every code path in seconds), not the demo's model.
+    if preset:
+        params = dest / "params.yaml"
+        params.write_text(re.sub(r"(?m)^preset: .*$", f"preset: {preset}", params.read_text()))
     _git(dest, "init", "-q")
     _git(dest, "add", "-A")
     _git(dest, "-c", "user.name=test", "-c", "user.email=test@example.invalid", "commit", "-qm", "copy")

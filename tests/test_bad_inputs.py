@@ -157,7 +157,7 @@ PLANTED = "hf_" + "Zq7" * 10  # shaped like a hub token; must never be echoed
 CONFIG_CASES = [
     ("LoRA rank zero", {"lora.r": 0}, ["`lora.r` = 0", "greater than 0"]),
     ("base folder missing", {"model.base": "./no-such-model"}, ["`model.base` = './no-such-model'"]),
-    ("base not a hub id", {"model.base": "not a model"}, ["neither `tiny`, a hub id"]),
+    ("base not a hub id", {"model.base": "not a model"}, ["neither an embedded base (tiny, smollm2-135m), a hub id"]),
     ("more rows than the source", {"data.rows": 100000}, ["data.rows = 100000 is larger than the source (400 rows"]),
     ("misspelt key", {"train.learnign_rate": 1e-4}, ["unknown key `train.learnign_rate`"]),
     ("token in config", {"model.token": PLANTED}, ["unknown key `model.token`", "read from the environment"]),

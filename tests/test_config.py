@@ -17,12 +17,15 @@ from chat_doctor.config import (
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_params_yaml_is_the_cpu_tiny_default():
+def test_params_yaml_is_the_smollm2_demo():
+    """A fresh clone fine-tunes the real small model; the tests' projects use the tiny one."""
+    from tests.conftest import TEST_PRESET
+
     cfg = load_config(REPO / "params.yaml")
-    assert cfg.preset == "cpu-tiny"
-    assert cfg.model.base == "tiny"
+    assert (cfg.preset, cfg.model.base, cfg.tokenize.template) == ("smollm2-135m", "smollm2-135m", "chatml")
     assert cfg.data.source == "data/raw/synthetic_healthcaremagic.jsonl"
-    assert cfg.tokenize.template == "original"
+    tiny = load_config(REPO / "params.yaml", {"preset": TEST_PRESET})
+    assert (tiny.model.base, tiny.tokenize.template) == ("tiny", "original")
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -87,6 +90,9 @@ def test_lean_and_original_presets():
     assert (lean.train.pack_length, lean.train.epochs) == (fast.pack_length, fast.epochs) == (1536, 1)
     assert (lean.train.micro_batch_size, lean.train.grad_accum) == (4, 4)  # mistral-7b's micro-batches
     assert lean.train.checkpoint_offload and lean.train.optim == "paged_adamw_8bit"
+    # No step needs more GPU memory than training: the merge in host memory, evaluation in 4 bit.
+    assert (lean.merge.device, lean.merge.dtype, lean.evaluate.load_in_4bit) == ("cpu", "bfloat16", True)
+    assert (fast.max_steps, build_config({"preset": "mistral-7b"}).merge.device) == (None, "auto")
     original = build_config({"preset": "mistral-7b-original"})
     assert (original.lora.dropout, original.lora.adapter_dtype) == (0.05, "float32")
     assert original.train.upcast_layers and original.train.gradient_checkpointing and not original.train.packing
@@ -126,7 +132,10 @@ def test_overrides_parse_as_yaml_and_win():
     [
         ({"lora.r": 0}, "`lora.r` = 0: Input should be greater than 0"),
         ({"model.base": "/no/such/model"}, "`model.base` = '/no/such/model': '/no/such/model' is not a model folder"),
-        ({"model.base": "not a model"}, "is neither `tiny`, a hub id like org/name, nor an existing folder"),
+        (
+            {"model.base": "not a model"},
+            "is neither an embedded base (tiny, smollm2-135m), a hub id like org/name, nor an existing folder",
+        ),
         ({"train.learning_rate": -1}, "`train.learning_rate` = -1"),
         ({"data.eval_fraction": 1.5}, "`data.eval_fraction` = 1.5: Input should be less than 1"),
         ({"tokenize.template": "alpaca"}, "`tokenize.template` = 'alpaca'"),

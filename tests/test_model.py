@@ -234,7 +234,10 @@ def test_evaluation_report_and_all_or_nothing_registration(shared, tmp_path, mon
     for folder in (out["adapter"], merged["merged"]):
         card = (Path(folder) / "README.md").read_text()
         assert DISCLAIMER in card and "0123abcd" in card and "| tuned |" in card and "Promoted to `champion`" in card
-    assert version.description.startswith("---\nbase_model: tiny")
+        assert card.startswith("---\nbase_model: tiny\n") and "random weights (seed 1234)" in card
+    # MLflow shows front matter as raw text: the registry gets the card without it, and the provenance.
+    assert version.description.startswith("# chat-doctor adapter\n") and DISCLAIMER in version.description
+    assert version.tags["base_source"].startswith("embedded base `tiny`: random weights")
 
     # A failure while moving the aliases deletes the new versions and leaves the aliases where they were.
     calls = []
