@@ -189,10 +189,13 @@ def test_the_shipped_dvc_lock_matches_the_shipped_code_and_params(tmp_path, monk
     assert set(stale) == {"sample", "tokenize"}  # both stages were looked at
 
 
+@pytest.mark.full
 @needs_real_rows()
 def test_an_eval_source_of_real_rows_rescores_the_champion_on_them(shared, tmp_path, monkeypatch):
     """`evaluate.source` = a JSONL of real rows: base, tuned and the champion are scored on those
-    rows (the champion's registered figures come from other rows) and promotion is judged there."""
+    rows (the champion's registered figures come from other rows) and promotion is judged there.
+    (In `make test`: the champion scored again on new settings by the 4-bit evaluation test, the
+    eval source cleaned and checked by tests/test_evaluate.py.)"""
     import datasets
 
     from chat_doctor.registry import champion_record
