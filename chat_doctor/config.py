@@ -466,9 +466,9 @@ _FAST = {
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu-tiny": {},
     # The demo: SmolLM2-135M-Instruct (real weights, embedded) fine-tuned in 4 bit on the bundled
-    # sample, sized for `make demo` on 2 CPU cores (~4.5 s a step). 12 steps of 4 rows: it has
-    # learnt to stop (EOS on 15 of 16 real HealthCareMagic questions, base 0); more steps only fit
-    # the sample's templates (bench/RESULTS.md).
+    # sample, sized for `make demo` on 2 CPU cores (~4.5 s a step). 12 steps of 4 rows teach it to
+    # stop; beyond ~12 its loss on real HealthCareMagic rows rises above the base's, as it learns
+    # the sample's one answer frame (bench/RESULTS.md).
     "smollm2-135m": {
         "model": {"base": SMOLLM2},
         "tokenize": {"template": "chatml"},
