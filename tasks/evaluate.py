@@ -204,11 +204,8 @@ def run_evaluate(
     sets = _eval_sets(cfg, tokenizer, tokenized_eval, processed_eval, eval_source)
     gate = "source" if eval_source else "eval_split"
     key = eval_key(cfg, sets[gate]["path"])
-    scores = {}
-    if cfg.evaluate.load_in_4bit:
-        scores, champion_scores, champion_figures = _score_4bit(cfg, tokenizer, sets, key, merged, champion)
-    else:
-        scores, champion_scores, champion_figures = _score_full(cfg, tokenizer, sets, key, merged, champion)
+    score_models = _score_4bit if cfg.evaluate.load_in_4bit else _score_full
+    scores, champion_scores, champion_figures = score_models(cfg, tokenizer, sets, key, merged, champion)
     if champion_scores:
         scores["champion"] = champion_scores
     report = {
