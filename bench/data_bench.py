@@ -22,14 +22,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from chat_doctor.config import ModelConfig, TokenizeConfig, build_config
-from chat_doctor.synthetic import CONDITIONS, synthetic_row
+from chat_doctor.synthetic import conditions, synthetic_row
 from tasks.sample import run_sample
 from tasks.tokenize import run_tokenize
 
 
 def _stretch(rng: random.Random, text: str, target: int) -> str:
     """Repeat sentence-shaped filler until the text reaches about `target` characters."""
-    filler = [c[4] for c in CONDITIONS]
+    filler = [c.advice for c in conditions()]
     while len(text) < target:
         text += f" Also, {rng.choice(filler)}."
     return text

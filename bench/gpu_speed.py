@@ -185,7 +185,7 @@ def _timed_steps(name: str, steps: int) -> int:
 def run_one(args) -> None:
     """Child process: train one recipe of ours (or the original) and emit its figures."""
     from bench.speed_probe import StepTimer, emit
-    from tasks.train import build_trainer
+    from chat_doctor.trainer import build_trainer
 
     name = args.run
     original = RECIPES[name]["kind"] == "original"

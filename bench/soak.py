@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.processes import free_port, mlflow_server_command, stop_when_idle, task_states
 from chat_doctor import faults
+from chat_doctor.config.presets import QUICK_EVAL
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -45,7 +46,6 @@ MODEL = "chat-doctor-adapter"
 STEPS = 6
 # On the tiny random base: the soak is about faults and recovery, and dozens of runs must be quick.
 RUN = {"preset": "cpu-tiny", "train.max_steps": STEPS, "train.save_steps": 2, "train.logging_steps": 1}
-QUICK = {"evaluate.rows": 2, "evaluate.max_new_tokens": 8}
 
 
 def wait_for(check, what: str, timeout: float = 180) -> None:
@@ -233,7 +233,7 @@ class Soak:
 
 def overrides(i: int) -> dict:
     # A seed of its own per run: a new run folder, so each run trains (and meets its fault) afresh.
-    return {**RUN, **QUICK, "train.seed": 1000 + i}
+    return {**RUN, **QUICK_EVAL, "train.seed": 1000 + i}
 
 
 def oom_run(soak: Soak, i: int) -> dict:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from chat_doctor.config import METRICS
 from chat_doctor.files import atomic_path
+from chat_doctor.metrics import METRICS, RANKED
 
-COLUMNS = ("loss", "perplexity", "rougeL", "similarity", "eos_rate", "repetition", "words")
+COLUMNS = tuple(METRICS)
 
 
 def gate_models(report: dict) -> dict[str, dict]:
@@ -31,7 +31,8 @@ def markdown_summary(report: dict, samples: list[dict], shown: int = 3) -> str:
         f"## Evaluation: base `{report['base_model']}` vs tuned\n",
         f"Greedy, repetition_penalty {generation['repetition_penalty']}, "
         f"max_new_tokens {generation['max_new_tokens']}. Promotion is judged on `{report['gate_set']}`. "
-        "Higher is better for rougeL, similarity, eos_rate; lower for loss, perplexity, repetition.\n",
+        "; ".join(f"{m.name}: {m.description} ({m.direction})" for m in METRICS.values())
+        + ".\n",
     ]
     for name, result in report["sets"].items():
         parts.append(f"### {name}: {result['rows']} rows for loss, {result['generated']} answered\n")
@@ -54,12 +55,12 @@ def plot_chart(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = gate_models(report)
-    metrics = list(METRICS)
+    metrics = list(RANKED)
     fig, axes = plt.subplots(1, len(metrics), figsize=(3 * len(metrics), 3.2))
     for ax, metric in zip(axes, metrics, strict=True):
         names = [name for name in models if metric in models[name]]
         ax.bar(names, [models[name][metric] for name in names], color=["#999999", "#2a7ab0", "#d08c2a"][: len(names)])
-        ax.set_title(f"{metric} ({'higher' if METRICS[metric] else 'lower'} is better)", fontsize=9)
+        ax.set_title(f"{metric} ({METRICS[metric].direction} is better)", fontsize=9)
         ax.tick_params(labelsize=8)
     fig.suptitle(f"{report['gate_set']}: base vs tuned", fontsize=10)
     fig.tight_layout()

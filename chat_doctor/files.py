@@ -12,6 +12,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def is_local(value: str) -> bool:
+    """A path on this machine (existing, or written like one) rather than a hub id or registry name."""
+    return value.startswith(("/", ".", "~")) or Path(value).expanduser().exists()
+
+
 @contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary sibling of `target`; it replaces `target` only if the block succeeds."""

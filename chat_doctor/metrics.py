@@ -1,4 +1,7 @@
-"""Answer-quality figures for evaluation: ROUGE-L, semantic similarity, EOS rate, repetition, length.
+"""Evaluation figures, one registry: each entry is a figure's name, how it is computed, and which way
+is better. The evaluate step, the report columns and chart, the promotion choices
+(`registry.promote_metric`), the MLflow metric names and the registry tags all derive from `METRICS`,
+so a new figure is one entry.
 
 ROUGE-L is Google's `rouge-score` (F-measure, Porter stemming); similarity is the cosine between
 all-MiniLM-L6-v2 sentence embeddings (sentence-transformers), loaded from the weights that the
@@ -7,7 +10,10 @@ all-MiniLM-L6-v2 sentence embeddings (sentence-transformers), loaded from the we
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
 
 REPEAT_N = 3  # word n-gram size for the repetition rate
@@ -44,14 +50,50 @@ def repetition(text: str, n: int = REPEAT_N) -> float:
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
+# Per-answer figures take (answers as {"answer", "stopped"}, reference texts) -> one value per answer.
+PerAnswer = Callable[[list[dict], list[str]], list[float]]
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    higher_is_better: bool | None  # None: reported, never compared (not a promotion choice)
+    description: str
+    per_answer: PerAnswer | None = None  # None: a figure of the whole eval set, from its loss
+    from_loss: Callable[[float], float] | None = None
+    listed: bool = True  # a column of `chat-doctor-models list`
+
+    @property
+    def direction(self) -> str:
+        return {True: "higher", False: "lower", None: "reported"}[self.higher_is_better]
+
+
+def _texts(answers: list[dict]) -> list[str]:
+    return [a["answer"] for a in answers]
+
+
+METRICS: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        Metric("loss", False, "mean token cross-entropy of the reference answers", from_loss=lambda loss: loss),
+        Metric("perplexity", False, "exp(loss)", from_loss=lambda loss: math.exp(min(loss, 700)), listed=False),
+        Metric("rougeL", True, "ROUGE-L F-measure against the reference", lambda a, r: rouge_l(_texts(a), r)),
+        Metric("similarity", True, "embedding cosine to the reference", lambda a, r: similarity(_texts(a), r)),
+        Metric("eos_rate", True, "answers that ended at EOS", lambda a, r: [float(x["stopped"]) for x in a]),
+        Metric("repetition", False, "repeated word 3-grams", lambda a, r: [repetition(t) for t in _texts(a)]),
+        Metric("words", None, "answer length in words", lambda a, r: [len(t.split()) for t in _texts(a)], listed=False),
+    )
+}
+RANKED = tuple(name for name, m in METRICS.items() if m.higher_is_better is not None)  # promotion choices
+
+
+def loss_figures(loss: float) -> dict[str, float]:
+    return {name: m.from_loss(loss) for name, m in METRICS.items() if m.from_loss}
+
+
 def answer_figures(answers: list[dict], references: list[str]) -> tuple[dict[str, float], list[dict]]:
     """Mean figures over `answers` ({"answer", "stopped"}) and the per-answer ones."""
-    texts = [a["answer"] for a in answers]
-    per_row = [
-        {"rougeL": r, "similarity": s, "repetition": repetition(t), "words": len(t.split()), "stopped": a["stopped"]}
-        for a, t, r, s in zip(answers, texts, rouge_l(texts, references), similarity(texts, references), strict=True)
-    ]
-    n = len(per_row)
-    means = {key: sum(row[key] for row in per_row) / n for key in ("rougeL", "similarity", "repetition", "words")}
-    means["eos_rate"] = sum(row["stopped"] for row in per_row) / n
+    columns = {name: m.per_answer(answers, references) for name, m in METRICS.items() if m.per_answer}
+    per_row = [{name: values[i] for name, values in columns.items()} for i in range(len(answers))]
+    means = {name: sum(values) / len(values) for name, values in columns.items()}
     return means, per_row

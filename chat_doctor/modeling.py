@@ -84,7 +84,7 @@ def load_base_model(
             bnb_4bit_compute_dtype=compute_dtype,
             bnb_4bit_quant_storage=compute_dtype,
         )
-    model = AutoModelForCausalLM.from_pretrained(
+    return AutoModelForCausalLM.from_pretrained(
         base_location(cfg),
         revision=cfg.revision,
         dtype=compute_dtype,
@@ -94,7 +94,19 @@ def load_base_model(
         use_safetensors=True,  # never unpickle weights
         **kwargs,
     )
-    return model
+
+
+def load_merged(folder: str | Path, dtype_name: str, *, on_cpu: bool = False):
+    """A merged model (the base with an adapter folded in, written by the merge step) in full
+    precision: a local folder of our own, so no revision and no remote code."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        str(folder),
+        dtype=resolve_dtype(dtype_name),
+        device_map={"": "cpu" if on_cpu else local_device()},
+        use_safetensors=True,
+    )
 
 
 class UnsafeWeights(ValueError):

@@ -22,15 +22,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from chat_doctor.config import METRICS, PARAMS_FILE, load_config
+from chat_doctor.config import PARAMS_FILE, load_config
+from chat_doctor.metrics import METRICS
 from chat_doctor.tracking import client
 
-SHOWN = ("loss", "rougeL", "similarity", "eos_rate", "repetition")  # columns of `list`
+SHOWN = tuple(name for name, m in METRICS.items() if m.listed)  # columns of `list`
 REGISTRATION = "registration"  # version tag: `incomplete` until everything but the aliases is in place
 
 
 def is_complete(version) -> bool:
-    # Versions registered before the tag existed have none and are complete.
+    # Only our own registration marks a version incomplete; one without the tag (made by hand) is complete.
     return version.tags.get(REGISTRATION) != "incomplete"
 
 
@@ -62,8 +63,8 @@ def decide_promotion(
     min_improvement: float = 0.0,
 ) -> tuple[bool, str]:
     """(promote?, why). The version must beat the base and the current champion on `metric`."""
-    higher = METRICS[metric]
-    direction = "higher" if higher else "lower"
+    higher = METRICS[metric].higher_is_better
+    direction = METRICS[metric].direction
     value = tuned[metric]
     if not _better(value, base[metric], higher, min_improvement):
         return False, f"{metric} {value:.4g} does not beat the base's {base[metric]:.4g} ({direction} is better)"

@@ -1,10 +1,13 @@
-"""Row checks and cleaning for the sample step: what makes a row invalid, and what the rules change."""
+"""Row checks and cleaning, one path for training rows (`data.source`) and extra eval rows
+(`evaluate.source`): what makes a row invalid, what the rules change, which rows are duplicates."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections import Counter
 from dataclasses import dataclass
 
-from chat_doctor.cleaning import normalise, remove_artefacts
+from chat_doctor.cleaning import looks_cut_off, near_duplicate_key, normalise, remove_artefacts
 from chat_doctor.config import DataConfig
 from chat_doctor.sources import DataError
 
@@ -95,3 +98,54 @@ def validate_all(cfg: DataConfig, dataset, key: str = "data.source") -> None:
         _, problem = check_row(raw, cfg)
         if problem:
             raise DataError(problem.describe(cfg.source, index + 1, cfg.columns[problem.field], key))
+
+
+@dataclass
+class Cleaned:
+    """The rows kept by `clean_rows` and what happened to the others."""
+
+    rows: list[dict] = dataclasses.field(default_factory=list)
+    read: int = 0
+    dropped: Counter = dataclasses.field(default_factory=Counter)
+    changed: Counter = dataclasses.field(default_factory=Counter)
+    cut_off: int = 0  # answers that stop mid-sentence, kept or (with data.drop_cut_off) dropped
+
+    def counts(self) -> dict:
+        return {
+            "rows_read": self.read,
+            "rows_kept": len(self.rows),
+            "dropped": dict(sorted(self.dropped.items())),
+            "changed": dict(sorted(self.changed.items())),
+            "answers_cut_off": self.cut_off,
+        }
+
+
+def clean_rows(cfg: DataConfig, dataset, order: list[int], limit: int | None = None, key: str = "data.source"):
+    """Walk `dataset` in `order` until `limit` valid, cleaned, distinct rows are kept (all rows when
+    None), by the data.* rules; each drop and change is counted."""
+    check_columns(cfg, dataset.column_names, key)
+    if cfg.strict:
+        validate_all(cfg, dataset, key)
+    out, seen_exact, seen_near = Cleaned(), set(), set()
+    for _, raw in in_batches(dataset, order):
+        if len(out.rows) == limit:
+            break
+        out.read += 1
+        row, drop, rules = prepare_row(raw, cfg)
+        out.changed.update(rules)
+        if drop:
+            out.dropped[drop] += 1
+            continue
+        if looks_cut_off(row["output"]):
+            out.cut_off += 1
+            if cfg.drop_cut_off:
+                out.dropped["answer cut off mid-sentence"] += 1
+                continue
+        exact, near = (row["input"], row["output"]), near_duplicate_key(row["input"], row["output"])
+        if cfg.dedupe and (exact in seen_exact or near in seen_near):
+            out.dropped["duplicate (exact)" if exact in seen_exact else "duplicate (near-exact)"] += 1
+            continue
+        seen_exact.add(exact)
+        seen_near.add(near)
+        out.rows.append(row)
+    return out

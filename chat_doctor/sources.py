@@ -7,16 +7,82 @@ from __future__ import annotations
 
 import codecs
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from chat_doctor.config import DataConfig, is_local
-from chat_doctor.files import content_hash
+from chat_doctor.files import content_hash, is_local
 
-LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+if TYPE_CHECKING:
+    from chat_doctor.config import DataConfig
 
 
 class DataError(ValueError):
     """The source cannot give what the config asks; the message names the file, row or key."""
+
+
+@dataclass(frozen=True)
+class SourceKind:
+    name: str
+    matches: Callable[[Path], bool]  # given the source as a local path (a hub id is the last entry)
+    read: Callable[[DataConfig, Path, str], Any]  # (config, path, key errors name) -> datasets.Dataset
+
+
+def _read_folder(cfg: DataConfig, path: Path, key: str):
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except FileNotFoundError as err:
+        raise DataError(f"{key}: {cfg.source!r} is not a save_to_disk folder ({err})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if cfg.split not in loaded:
+            raise DataError(f"data.split: {cfg.split!r} not in {cfg.source} (has {sorted(loaded)})")
+        loaded = loaded[cfg.split]
+    return loaded
+
+
+def _file_reader(builder: str, text: bool, **options):
+    """A reader through one of `datasets`' packaged builders (`options` go to it, e.g. a CSV
+    delimiter); text files are checked for UTF-8 first."""
+
+    def read(cfg: DataConfig, path: Path, key: str):
+        import datasets
+
+        if text:
+            _check_utf8(path, key)
+        try:
+            return datasets.load_dataset(builder, data_files=str(path), split="train", **options)
+        except Exception as err:  # the loaders raise many types; the message is what the user needs
+            detail = _locate_json_error(path) if builder == "json" else None
+            raise DataError(f"{key}: {cfg.source}: cannot be read as {builder}: {detail or err}") from None
+
+    return read
+
+
+def _read_hub(cfg: DataConfig, path: Path, key: str):
+    import datasets
+
+    return datasets.load_dataset(cfg.source, revision=cfg.revision, split=cfg.split)
+
+
+def _suffix(*suffixes: str) -> Callable[[Path], bool]:
+    return lambda path: path.is_file() and path.suffix.lower() in suffixes
+
+
+# Every kind of source `data.source` and `evaluate.source` accept, tried in order: a new format is one entry.
+SOURCES = (
+    SourceKind("save_to_disk folder", Path.is_dir, _read_folder),
+    SourceKind(".json / .jsonl (JSON Lines)", _suffix(".json", ".jsonl"), _file_reader("json", text=True)),
+    SourceKind(".csv", _suffix(".csv"), _file_reader("csv", text=True)),
+    SourceKind(".parquet", _suffix(".parquet"), _file_reader("parquet", text=False)),
+)
+HUB = SourceKind("hub dataset id", lambda path: False, _read_hub)
+
+
+def source_kinds() -> str:
+    return ", ".join(kind.name for kind in (HUB, *SOURCES))
 
 
 def open_source(cfg: DataConfig, key: str = "data.source"):
@@ -24,33 +90,25 @@ def open_source(cfg: DataConfig, key: str = "data.source"):
 
     `key` is the config key errors name (the eval step reads `evaluate.source` through here too).
     """
-    import datasets
-
-    source = Path(cfg.source).expanduser()
     if not is_local(cfg.source):
-        return datasets.load_dataset(cfg.source, revision=cfg.revision, split=cfg.split)
-    if not source.exists():
+        return HUB.read(cfg, Path(cfg.source), key)
+    path = Path(cfg.source).expanduser()
+    if not path.exists():
         raise DataError(f"{key}: {cfg.source!r} does not exist")
-    if source.is_dir():
-        try:
-            loaded = datasets.load_from_disk(str(source))
-        except FileNotFoundError as err:
-            raise DataError(f"{key}: {cfg.source!r} is not a save_to_disk folder ({err})") from None
-        if isinstance(loaded, datasets.DatasetDict):
-            if cfg.split not in loaded:
-                raise DataError(f"data.split: {cfg.split!r} not in {cfg.source} (has {sorted(loaded)})")
-            loaded = loaded[cfg.split]
-        return loaded
-    builder = LOCAL_BUILDERS.get(source.suffix.lower())
-    if builder is None:
-        raise DataError(f"{key}: {cfg.source!r}: unsupported file type, use one of {sorted(LOCAL_BUILDERS)}")
-    if builder in ("json", "csv"):
-        _check_utf8(source, key)
+    kind = next((kind for kind in SOURCES if kind.matches(path)), None)
+    if kind is None:
+        raise DataError(f"{key}: {cfg.source!r}: unsupported file type, use one of: {source_kinds()}")
+    return kind.read(cfg, path, key)
+
+
+def source_identity(cfg: DataConfig) -> str:
+    """What names the source's content without reading it as a dataset (for cache keys)."""
+    if not is_local(cfg.source):
+        return f"{cfg.source}@{cfg.revision}:{cfg.split}"  # a hub id: the revision names the content
     try:
-        return datasets.load_dataset(builder, data_files=str(source), split="train")
-    except Exception as err:  # the loaders raise many types; the message is what the user needs
-        detail = _locate_json_error(source) if builder == "json" else None
-        raise DataError(f"{key}: {cfg.source}: cannot be read as {builder}: {detail or err}") from None
+        return content_hash(Path(cfg.source).expanduser())
+    except FileNotFoundError:  # missing or an empty folder: the sample step itself says what is wrong
+        return "(missing)"
 
 
 def source_fingerprint(cfg: DataConfig, dataset) -> str:

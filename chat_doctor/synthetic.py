@@ -7,186 +7,50 @@ It is not medical advice and not real patient data. Regenerate with `python -m c
 from __future__ import annotations
 
 import argparse
+import csv
 import random
+from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 from chat_doctor.files import write_jsonl
 
 DEFAULT_PATH = Path("data/raw/synthetic_healthcaremagic.jsonl")
 INSTRUCTION = "If you are a doctor, please answer the medical questions based on the patient's description."
 
-# (complaint, body area, likely cause, test to ask for, first-line advice, warning sign)
-CONDITIONS = [
-    (
-        "a dry cough",
-        "chest",
-        "a viral upper respiratory infection",
-        "a chest X-ray",
-        "drink warm fluids, use steam inhalation and rest",
-        "breathlessness or coughing blood",
-    ),
-    (
-        "burning while passing urine",
-        "lower abdomen",
-        "a urinary tract infection",
-        "a urine culture",
-        "drink plenty of water and avoid holding urine",
-        "fever with back pain",
-    ),
-    (
-        "a throbbing headache",
-        "head",
-        "tension type headache or migraine",
-        "a blood pressure check",
-        "sleep regularly, limit screen time and take paracetamol when needed",
-        "sudden severe headache or weakness",
-    ),
-    (
-        "pain in the lower back",
-        "back",
-        "a muscle strain",
-        "an X-ray of the lumbar spine",
-        "apply hot packs, avoid lifting weights and do gentle stretching",
-        "numbness in the legs",
-    ),
-    (
-        "itchy red patches",
-        "skin",
-        "fungal infection or eczema",
-        "a skin scraping test",
-        "keep the area dry, wear cotton clothes and use a mild moisturiser",
-        "spreading redness with fever",
-    ),
-    (
-        "acidity and a burning feeling",
-        "stomach",
-        "gastritis or acid reflux",
-        "an upper GI endoscopy",
-        "eat small meals, avoid spicy food and do not lie down after eating",
-        "black stools or vomiting blood",
-    ),
-    (
-        "pain and swelling",
-        "knee",
-        "early osteoarthritis or a ligament sprain",
-        "an MRI of the knee",
-        "rest the joint, use ice packs and keep your weight in check",
-        "a locked or unstable knee",
-    ),
-    (
-        "irregular periods",
-        "pelvis",
-        "hormonal imbalance such as PCOS",
-        "a pelvic ultrasound and hormone tests",
-        "exercise regularly and keep a menstrual diary",
-        "very heavy bleeding or fainting",
-    ),
-    (
-        "a sore throat",
-        "throat",
-        "pharyngitis",
-        "a throat swab",
-        "gargle with warm salt water and drink warm fluids",
-        "difficulty swallowing or breathing",
-    ),
-    (
-        "dizziness on standing",
-        "head",
-        "low blood pressure or dehydration",
-        "a blood count and blood pressure check",
-        "drink enough fluids and stand up slowly",
-        "fainting or chest pain",
-    ),
-    (
-        "palpitations",
-        "chest",
-        "anxiety or a thyroid problem",
-        "an ECG and thyroid function tests",
-        "cut down on caffeine and practise relaxation",
-        "chest pain or fainting",
-    ),
-    (
-        "loose motions",
-        "abdomen",
-        "acute gastroenteritis",
-        "a stool examination",
-        "take oral rehydration solution and light food",
-        "blood in stool or signs of dehydration",
-    ),
-    (
-        "tingling in the fingers",
-        "hand",
-        "carpal tunnel syndrome or vitamin B12 deficiency",
-        "nerve conduction studies and a B12 level",
-        "avoid repetitive wrist strain and use a wrist splint at night",
-        "weakness of the hand",
-    ),
-    (
-        "a painful tooth",
-        "jaw",
-        "dental caries with pulp infection",
-        "a dental X-ray",
-        "rinse with warm salt water and see a dentist soon",
-        "swelling of the face",
-    ),
-    (
-        "hair fall",
-        "scalp",
-        "stress related telogen effluvium or iron deficiency",
-        "a blood count and ferritin level",
-        "eat a protein rich diet and use a mild shampoo",
-        "patchy bald areas",
-    ),
-    (
-        "a blocked nose",
-        "nose",
-        "allergic rhinitis or sinusitis",
-        "an X-ray of the sinuses",
-        "use saline nasal spray and avoid dust",
-        "swelling around the eyes",
-    ),
-    (
-        "fatigue",
-        "whole body",
-        "anaemia or low thyroid function",
-        "a blood count and thyroid profile",
-        "eat iron rich food and sleep well",
-        "breathlessness on mild exertion",
-    ),
-    (
-        "a painful ear",
-        "ear",
-        "an outer or middle ear infection",
-        "an ear examination with an otoscope",
-        "keep the ear dry and avoid cotton buds",
-        "discharge with fever",
-    ),
-    (
-        "pain in the heel",
-        "foot",
-        "plantar fasciitis",
-        "an X-ray of the heel",
-        "wear soft footwear and stretch the calf muscles",
-        "pain at rest or swelling",
-    ),
-    (
-        "a lump",
-        "neck",
-        "an enlarged lymph node from an infection",
-        "an ultrasound of the neck",
-        "watch its size for two weeks",
-        "a lump that keeps growing or weight loss",
-    ),
-]
+
+class Condition(NamedTuple):
+    complaint: str
+    area: str
+    cause: str
+    test: str
+    advice: str
+    warning: str
+    medicine: str
+    specialist: str
+
+
+CONDITIONS_FILE = Path(__file__).with_name("synthetic_conditions.csv")  # one row per condition
+
+
+@lru_cache(maxsize=1)
+def conditions() -> tuple[Condition, ...]:
+    with open(CONDITIONS_FILE, newline="", encoding="utf-8") as fh:
+        return tuple(Condition(**row) for row in csv.DictReader(fh))
+
+
 AGES = [19, 23, 27, 31, 34, 38, 42, 45, 49, 53, 58, 62, 67]
 SEXES = ["male", "female"]
 DURATIONS = ["two days", "a week", "ten days", "two weeks", "a month", "three months"]
+RELATIVES = ["mother", "father", "wife", "husband", "son", "daughter"]
 OPENINGS = [
     "Hello doctor, I am a {age} year old {sex} and I have {complaint} in my {area} for {duration}.",
     "Hi, my {relative} is {age} years old and has {complaint} in the {area} since {duration}.",
     "I am {age} and I have had {complaint} in my {area} for {duration}.",
+    "hi doctor i am {age} yrs {sex}, having {complaint} in {area} for {duration}.",
+    "Sir, I have been suffering from {complaint} in my {area} for {duration}.",
+    "My {relative} ({age}) has been complaining of {complaint} in the {area} for about {duration}.",
 ]
-RELATIVES = ["mother", "father", "wife", "husband", "son", "daughter"]
 DETAILS = [
     "It gets worse at night.",
     "It is worse in the morning.",
@@ -195,28 +59,102 @@ DETAILS = [
     "I also feel tired most of the day.",
     "I have a history of diabetes.",
     "I am worried because it is not going away.",
+    "I had the same problem last year and it went away on its own.",
+    "I work long hours at a desk and do not get much sleep.",
+    "My blood pressure is normal and I do not smoke.",
+    "I saw a local doctor who gave me some tablets, I do not remember the name.",
+    "It started after I travelled last month.",
+    "Sometimes it is mild and sometimes it is very bad.",
 ]
-QUESTIONS = ["What could this be?", "What should I do?", "Is this serious?", "Which test should I get done?"]
-GREETINGS = ["Hi,", "Hello,", "Thanks for your query."]
-CLOSINGS = ["Hope this helps.", "Take care.", "Wish you good health."]
+QUESTIONS = [
+    "What could this be?",
+    "What should I do?",
+    "Is this serious?",
+    "Which test should I get done?",
+    "Please advise.",
+    "Do I need to see a specialist?",
+    "Can this be treated at home?",
+]
+
+# An answer is a greeting, an acknowledgement, then some of the sections below in a doctor's usual
+# order, then a closing: real HealthCareMagic answers vary their frame and run ~60-120 words.
+GREETINGS = [
+    "Hi,",
+    "Hello,",
+    "Thanks for your query.",
+    "Hi, thanks for your query.",
+    "Hello, welcome to Chat Doctor.",
+    "Hi and welcome.",
+    "Hello and thank you for asking.",
+]
+ACKNOWLEDGEMENTS = [
+    "I have gone through your query.",
+    "I understand your concern.",
+    "I have read your question carefully.",
+    "I can understand how worrying this is.",
+    "",
+]
+CAUSES = [
+    "{Complaint} in the {area} is most likely due to {cause}.",
+    "From what you describe, this looks like {cause}.",
+    "The symptoms you mention point towards {cause}.",
+    "With {complaint} for {duration}, the commonest cause is {cause}.",
+]
+TESTS = [
+    "I suggest you get {test} done to confirm it.",
+    "Please get {test} done so that the cause is confirmed.",
+    "To be sure, {test} should be done.",
+]
+TREATMENTS = [
+    "You can take {medicine}.",
+    "Your doctor may prescribe {medicine}.",
+    "For relief, {medicine} usually helps.",
+]
+ADVICE = ["Meanwhile, {advice}.", "In the meantime, {advice}.", "At home, {advice}."]
+WARNINGS = [
+    "If you notice {warning}, please see a doctor immediately.",
+    "Watch for {warning}; if it happens, go to the emergency room.",
+    "Do not ignore {warning}, that needs an urgent check.",
+]
+REFERRALS = [
+    "If it does not settle in a week, consult {specialist}.",
+    "It is better to consult {specialist} for a proper examination.",
+    "Please follow up with {specialist} with the reports.",
+]
+CLOSINGS = [
+    "Hope this helps.",
+    "Take care.",
+    "Wish you good health.",
+    "Hope I have answered your query. Let me know if I can assist you further.",
+    "Wish you good health. Thanks.",
+    "Hope this helps. Take care.",
+    "Regards.",
+]
 
 
 def synthetic_row(rng: random.Random) -> dict[str, str]:
-    complaint, area, cause, test, advice, warning = rng.choice(CONDITIONS)
-    opening = rng.choice(OPENINGS).format(
-        age=rng.choice(AGES),
-        sex=rng.choice(SEXES),
-        complaint=complaint,
-        area=area,
-        duration=rng.choice(DURATIONS),
-        relative=rng.choice(RELATIVES),
+    condition = rng.choice(conditions())
+    slots = {
+        **condition._asdict(),
+        "Complaint": condition.complaint.capitalize(),
+        "age": rng.choice(AGES),
+        "sex": rng.choice(SEXES),
+        "duration": rng.choice(DURATIONS),
+        "relative": rng.choice(RELATIVES),
+    }
+    query = " ".join(
+        [
+            rng.choice(OPENINGS).format(**slots),
+            *rng.sample(DETAILS, k=rng.randint(1, 4)),
+            *rng.sample(QUESTIONS, k=rng.randint(1, 2)),
+        ]
     )
-    query = " ".join([opening, *rng.sample(DETAILS, k=rng.randint(1, 3)), rng.choice(QUESTIONS)])
-    answer = (
-        f"{rng.choice(GREETINGS)} I have gone through your query. {complaint.capitalize()} in the {area} "
-        f"is most likely due to {cause}. I suggest you get {test} done to confirm it. Meanwhile, {advice}. "
-        f"If you notice {warning}, please see a doctor immediately. {rng.choice(CLOSINGS)}"
-    )
+    sections = [CAUSES, TESTS, TREATMENTS, ADVICE, WARNINGS, REFERRALS]
+    keep = [CAUSES, *(s for s in sections[1:] if rng.random() < 0.7)]
+    sentences = [rng.choice(GREETINGS), rng.choice(ACKNOWLEDGEMENTS)]
+    sentences += [rng.choice(section).format(**slots) for section in keep]
+    sentences.append(rng.choice(CLOSINGS))
+    answer = " ".join(s for s in sentences if s)
     return {"instruction": INSTRUCTION, "input": query, "output": answer}
 
 

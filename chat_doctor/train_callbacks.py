@@ -1,10 +1,13 @@
-"""Trainer callbacks for the train step: MLflow logging, progress lines, completed-checkpoint markers."""
+"""Trainer callbacks for the train step: MLflow logging, progress lines, completed-checkpoint markers,
+and the opt-in profiler. Imported by the training process only (it loads transformers)."""
 
 from __future__ import annotations
 
 import os
 import time
 from pathlib import Path
+
+from transformers import TrainerCallback
 
 from chat_doctor import faults
 from chat_doctor.tracking import log_metrics
@@ -44,63 +47,116 @@ class TokenRate:
         return rate
 
 
+class MarkComplete(TrainerCallback):
+    """Trainer calls on_save after model, optimizer, scheduler, RNG and state are written."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return  # the first process writes the checkpoint and marks it
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        os.sync()
+        (folder / COMPLETE).write_text(str(state.global_step))
+
+
+class MlflowLogger(TrainerCallback):
+    """Per logging step: loss, learning rate, grad norm, real (non-padding) tokens/s, peak memory."""
+
+    def __init__(self, run_id: str | None) -> None:
+        self.run_id, self.rate = run_id, TokenRate(0)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        tokens = state.num_input_tokens_seen
+        metrics = {f"train/{k}": v for k, v in logs.items() if k in ("loss", "learning_rate", "grad_norm")}
+        if "loss" in logs and tokens > self.rate.tokens:
+            metrics["train/tokens_per_s"] = self.rate.update(tokens)
+            metrics["train/peak_memory_gib"] = peak_memory_gib()
+        if self.run_id and metrics:
+            log_metrics(self.run_id, metrics, step=state.global_step)
+
+
+class Progress(TrainerCallback):
+    """One plain line per logging step with real tokens/s (all processes) and an ETA, on stdout;
+    tasks/train.py reads these lines back (PROGRESS) for the Prefect progress artifact."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start, self.first_step = time.perf_counter(), state.global_step
+        self.rate = TokenRate(state.num_input_tokens_seen)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs or not state.is_world_process_zero:
+            return
+        now = time.perf_counter()
+        done = state.global_step - self.first_step
+        per_step = (now - self.start) / max(done, 1)
+        eta = int(per_step * (state.max_steps - state.global_step))
+        tokens_per_s = self.rate.update(state.num_input_tokens_seen)
+        print(
+            f"step {state.global_step}/{state.max_steps} ({100 * state.global_step // state.max_steps}%) "
+            f"loss {logs['loss']:.4f}, {tokens_per_s:,.0f} tokens/s, ETA {eta // 60}:{eta % 60:02d}",
+            flush=True,
+        )
+
+
 def callbacks(run_dir: Path, run_id: str | None) -> list:
-    from transformers import TrainerCallback
-
-    class MarkComplete(TrainerCallback):
-        """Trainer calls on_save after model, optimizer, scheduler, RNG and state are written."""
-
-        def on_save(self, args, state, control, **kwargs):
-            if not state.is_world_process_zero:
-                return  # the first process writes the checkpoint and marks it
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            os.sync()
-            (folder / COMPLETE).write_text(str(state.global_step))
-
-    class MlflowLogger(TrainerCallback):
-        """Per logging step: loss, learning rate, grad norm, real (non-padding) tokens/s, peak memory."""
-
-        def __init__(self) -> None:
-            self.rate = TokenRate(0)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            logs = logs or {}
-            tokens = state.num_input_tokens_seen
-            metrics = {f"train/{k}": v for k, v in logs.items() if k in ("loss", "learning_rate", "grad_norm")}
-            if "loss" in logs and tokens > self.rate.tokens:
-                metrics["train/tokens_per_s"] = self.rate.update(tokens)
-                metrics["train/peak_memory_gib"] = peak_memory_gib()
-            if run_id and metrics:
-                log_metrics(run_id, metrics, step=state.global_step)
-
-    class Progress(TrainerCallback):
-        """One plain line per logging step with real tokens/s (all processes) and an ETA, on stdout."""
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.start, self.first_step = time.perf_counter(), state.global_step
-            self.rate = TokenRate(state.num_input_tokens_seen)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs or "loss" not in logs or not state.is_world_process_zero:
-                return
-            now = time.perf_counter()
-            done = state.global_step - self.first_step
-            per_step = (now - self.start) / max(done, 1)
-            eta = int(per_step * (state.max_steps - state.global_step))
-            tokens_per_s = self.rate.update(state.num_input_tokens_seen)
-            print(
-                f"step {state.global_step}/{state.max_steps} ({100 * state.global_step // state.max_steps}%) "
-                f"loss {logs['loss']:.4f}, {tokens_per_s:,.0f} tokens/s, ETA {eta // 60}:{eta % 60:02d}",
-                flush=True,
-            )
-
     # Injected faults (opt-in, chat_doctor/faults.py) come before MarkComplete: see there.
-    return [MlflowLogger(), Progress(), *faults.trainer_callbacks(run_dir), MarkComplete()]
+    return [MlflowLogger(run_id), Progress(), *faults.trainer_callbacks(run_dir), MarkComplete()]
 
 
 PROFILE_ENV = "CHAT_DOCTOR_PROFILE"  # a folder: where the time of two training steps goes, per process
 PROFILE_AFTER = 3  # steps left out first (allocator, kernel autotuning, first-step compilation)
 PROFILE_STEPS = 2
+
+
+class Profile(TrainerCallback):
+    """torch.profiler over two steps; see profiler_callbacks."""
+
+    profiler = None
+    steps = 0
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        import torch
+
+        if state.global_step == PROFILE_AFTER and self.profiler is None:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.profiler is not None:
+            self.steps += 1
+            if self.steps == PROFILE_STEPS:
+                self.write()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.profiler is not None:
+            self.write()
+
+    def write(self) -> None:
+        self.profiler.__exit__(None, None, None)
+        out = Path(self.folder)
+        out.mkdir(parents=True, exist_ok=True)
+        rank = os.environ.get("RANK", "0")
+        averages = self.profiler.key_averages()
+        tables = [
+            f"== {sort} ({self.steps} steps) ==\n{averages.table(sort_by=sort, row_limit=40)}"
+            for sort in ("self_device_time_total", "self_cpu_time_total")
+        ]
+        (out / f"profile-rank{rank}.txt").write_text("\n\n".join(tables))
+        if rank == "0":
+            import gzip
+            import tempfile
+
+            with tempfile.NamedTemporaryFile(suffix=".json") as raw:
+                self.profiler.export_chrome_trace(raw.name)
+                with open(raw.name, "rb") as src, gzip.open(out / "trace-rank0.json.gz", "wb") as dst:
+                    dst.write(src.read())
+        self.profiler = None
 
 
 def profiler_callbacks() -> list:
@@ -113,51 +169,4 @@ def profiler_callbacks() -> list:
     folder = os.environ.get(PROFILE_ENV)
     if not folder:
         return []
-    from transformers import TrainerCallback
-
-    class Profile(TrainerCallback):
-        profiler = None
-        steps = 0
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            import torch
-
-            if state.global_step == PROFILE_AFTER and self.profiler is None:
-                activities = [torch.profiler.ProfilerActivity.CPU]
-                if torch.cuda.is_available():
-                    activities.append(torch.profiler.ProfilerActivity.CUDA)
-                self.profiler = torch.profiler.profile(activities=activities)
-                self.profiler.__enter__()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if self.profiler is not None:
-                self.steps += 1
-                if self.steps == PROFILE_STEPS:
-                    self.write()
-
-        def on_train_end(self, args, state, control, **kwargs):
-            if self.profiler is not None:
-                self.write()
-
-        def write(self) -> None:
-            self.profiler.__exit__(None, None, None)
-            out = Path(folder)
-            out.mkdir(parents=True, exist_ok=True)
-            rank = os.environ.get("RANK", "0")
-            averages = self.profiler.key_averages()
-            tables = [
-                f"== {sort} ({self.steps} steps) ==\n{averages.table(sort_by=sort, row_limit=40)}"
-                for sort in ("self_device_time_total", "self_cpu_time_total")
-            ]
-            (out / f"profile-rank{rank}.txt").write_text("\n\n".join(tables))
-            if rank == "0":
-                import gzip
-                import tempfile
-
-                with tempfile.NamedTemporaryFile(suffix=".json") as raw:
-                    self.profiler.export_chrome_trace(raw.name)
-                    with open(raw.name, "rb") as src, gzip.open(out / "trace-rank0.json.gz", "wb") as dst:
-                        dst.write(src.read())
-            self.profiler = None
-
-    return [Profile()]
+    return [Profile(folder)]

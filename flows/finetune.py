@@ -44,6 +44,7 @@ from chat_doctor.lineage import data_overrides, record_data_stages, write_params
 from chat_doctor.prefect_api import api_url_for_this_run
 from chat_doctor.preflight import check_before_data
 from chat_doctor.registry import champion_record
+from chat_doctor.sources import source_identity
 from chat_doctor.tracking import (
     end_run,
     fail_runs_of,
@@ -71,15 +72,7 @@ def _key(*parts: str) -> str:
 
 
 def _sample_key(cfg) -> str:
-    local = Path(cfg.source).expanduser()
-    if local.exists():
-        try:
-            source = content_hash(local)
-        except FileNotFoundError:  # an empty folder: the sample step itself says what is wrong
-            source = "(empty)"
-    else:
-        source = f"{cfg.source}@{cfg.revision}:{cfg.split}"  # a hub id: the revision names the content
-    return _key("sample", section_hash(cfg), source)
+    return _key("sample", section_hash(cfg), source_identity(cfg))
 
 
 def _tokenize_key(cfg, model_cfg, processed: dict[str, str]) -> str:

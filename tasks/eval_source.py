@@ -9,12 +9,11 @@ bad file fails in seconds, not after hours on a GPU.
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 from chat_doctor.config import Config
 from chat_doctor.files import read_jsonl, write_json, write_jsonl
-from chat_doctor.rows import check_columns, in_batches, prepare_row, validate_all
+from chat_doctor.rows import clean_rows
 from chat_doctor.sources import DataError, open_source, source_fingerprint
 
 KEY = "evaluate.source"
@@ -26,31 +25,17 @@ def _source_config(cfg: Config):
 
 
 def clean_eval_rows(cfg: Config, dataset, train_inputs: set[str]) -> tuple[list[dict], dict]:
-    """Valid, cleaned, distinct rows of `dataset` and what happened to the others."""
+    """Valid, cleaned, distinct rows of `dataset` (the same rules as the training rows) and what
+    happened to the others."""
     data_cfg = _source_config(cfg)
-    check_columns(data_cfg, dataset.column_names, KEY)
-    if data_cfg.strict:
-        validate_all(data_cfg, dataset, KEY)
-    rows, seen, dropped, changed = [], set(), Counter(), Counter()
-    for _, raw in in_batches(dataset, list(range(len(dataset)))):
-        row, drop, rules = prepare_row(raw, data_cfg)
-        changed.update(rules)
-        if drop:
-            dropped[drop] += 1
-        elif (row["input"], row["output"]) in seen:
-            dropped["duplicate (exact)"] += 1
-        else:
-            seen.add((row["input"], row["output"]))
-            rows.append(row)
+    cleaned = clean_rows(data_cfg, dataset, list(range(len(dataset))), key=KEY)
+    rows = cleaned.rows
     if not rows:
-        raise DataError(f"{KEY}: {data_cfg.source}: no usable rows (dropped {dict(dropped)})")
+        raise DataError(f"{KEY}: {data_cfg.source}: no usable rows (dropped {dict(cleaned.dropped)})")
     report = {
         "source": data_cfg.source,
         "fingerprint": source_fingerprint(data_cfg, dataset),
-        "rows_read": len(dataset),
-        "rows_kept": len(rows),
-        "dropped": dict(sorted(dropped.items())),
-        "changed": dict(sorted(changed.items())),
+        **cleaned.counts(),
         # Rows the model also trained on make the figures look better than they are.
         "overlap_with_train": sum(row["input"] in train_inputs for row in rows),
     }

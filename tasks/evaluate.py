@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import tempfile
 from pathlib import Path
 
@@ -24,8 +23,14 @@ from chat_doctor import faults
 from chat_doctor.config import Config
 from chat_doctor.eval_report import markdown_summary, plot_chart
 from chat_doctor.files import content_hash, read_jsonl, write_json, write_jsonl, write_text
-from chat_doctor.metrics import answer_figures
-from chat_doctor.modeling import base_location, device, load_adapter, load_base_model, load_tokenizer, resolve_dtype
+from chat_doctor.metrics import METRICS, answer_figures, loss_figures
+from chat_doctor.modeling import (
+    base_location,
+    load_adapter,
+    load_base_model,
+    load_merged,
+    load_tokenizer,
+)
 from chat_doctor.prompts import build_prompt
 from chat_doctor.tokenized import IGNORE_INDEX, load_split, tokenize_row
 
@@ -128,7 +133,7 @@ def _score(model, tokenizer, sets: dict, cfg: Config) -> dict:
         )
         means, per_row = answer_figures(answers, [row["output"] for row in rows])
         scored = [{**a, **scores} for a, scores in zip(answers, per_row, strict=True)]
-        out[name] = {"figures": {"loss": loss, "perplexity": math.exp(min(loss, 700)), **means}, "answers": scored}
+        out[name] = {"figures": {**loss_figures(loss), **means}, "answers": scored}
     return out
 
 
@@ -157,8 +162,6 @@ def _champion(cfg: Config, base, tokenizer, sets: dict, key: str, champion: dict
 
 def _score_full(cfg: Config, tokenizer, sets: dict, key: str, merged: str, champion: dict | None):
     """Base, tuned (the merged model) and champion in full precision: what an export would serve."""
-    from transformers import AutoModelForCausalLM
-
     scores = {}
     base = load_base_model(cfg.model, quantized=False, dtype_name=cfg.merge.dtype)
     scores["base"] = _score(base, tokenizer, sets, cfg)
@@ -166,9 +169,7 @@ def _score_full(cfg: Config, tokenizer, sets: dict, key: str, merged: str, champ
     if champion:
         champion_scores, champion_figures = _champion(cfg, base, tokenizer, sets, key, champion)  # reuses the base
     del base
-    tuned = AutoModelForCausalLM.from_pretrained(
-        merged, dtype=resolve_dtype(cfg.merge.dtype), device_map={"": device()}, use_safetensors=True
-    )
+    tuned = load_merged(merged, cfg.merge.dtype)
     scores["tuned"] = _score(tuned, tokenizer, sets, cfg)
     return scores, champion_scores, champion_figures
 
@@ -243,6 +244,9 @@ def run_evaluate(
     return {name: str(out / file) for name, file in files.items()}
 
 
+PER_ANSWER = [name for name, m in METRICS.items() if m.per_answer]  # per-row columns of the MLflow table
+
+
 def log_evaluation(mlflow_run_id: str, paths: dict[str, str]) -> None:
     """Figures as MLflow metrics (`eval/` for the eval split, `eval_source/` for the extra rows), the
     files as artifacts, and the per-row answers as an MLflow table."""
@@ -257,7 +261,7 @@ def log_evaluation(mlflow_run_id: str, paths: dict[str, str]) -> None:
         log_artifact(mlflow_run_id, path, "eval")
     rows = [
         {"set": r["set"], "query": r["query"], "reference": r["reference"]}
-        | {f"{m}_{k}": r[m][k] for m in ("base", "tuned") for k in ("answer", "stopped", "rougeL", "similarity")}
+        | {f"{m}_{k}": r[m][k] for m in ("base", "tuned") for k in ("answer", "stopped", *PER_ANSWER)}
         for r in read_jsonl(Path(paths["samples"]))
     ]
     log_table(mlflow_run_id, rows, "eval/answers.json")

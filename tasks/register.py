@@ -21,7 +21,13 @@ from chat_doctor import faults
 from chat_doctor.config import Config
 from chat_doctor.eval_report import gate_models
 from chat_doctor.model_card import base_provenance, write_cards
-from chat_doctor.modeling import base_location, load_adapter, load_base_model, load_tokenizer, resolve_dtype
+from chat_doctor.modeling import (
+    base_location,
+    load_adapter,
+    load_base_model,
+    load_merged,
+    load_tokenizer,
+)
 from chat_doctor.registry import (
     REGISTRATION,
     aliased_version,
@@ -54,7 +60,6 @@ def promotion(cfg: Config, report: dict) -> tuple[bool, str]:
 def _log_model(cfg: Config, mlflow_run_id: str, folder: str, kind: str):
     """Log the adapter (base referenced, not copied) or the merged model (all weights) to the run."""
     import mlflow
-    from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(cfg.model, folder)
     local_base = base_location(cfg.model)
@@ -62,7 +67,7 @@ def _log_model(cfg: Config, mlflow_run_id: str, folder: str, kind: str):
         # The 4-bit base is enough here: MLflow saves only the adapter and references the base.
         model = load_adapter(load_base_model(cfg.model, quantized=True), folder)
     else:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(cfg.merge.dtype), use_safetensors=True)
+        model = load_merged(folder, cfg.merge.dtype, on_cpu=True)  # only saved, never run here
     mlflow_client = client()
     with mlflow.start_run(run_id=mlflow_run_id):
         logged = mlflow.transformers.log_model(

@@ -10,15 +10,13 @@ Run alone with `python -m tasks.sample` (what `dvc repro` does).
 from __future__ import annotations
 
 import argparse
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from chat_doctor.cleaning import looks_cut_off, near_duplicate_key
 from chat_doctor.config import PROCESSED_DIR, DataConfig, load_config
 from chat_doctor.files import write_json, write_jsonl
-from chat_doctor.rows import REQUIRED, check_columns, in_batches, prepare_row, validate_all
+from chat_doctor.rows import REQUIRED, clean_rows
 from chat_doctor.sources import DataError, open_source, source_fingerprint
 
 
@@ -29,50 +27,21 @@ def _length_stats(rows: list[dict], field: str) -> dict:
 
 def sample_rows(cfg: DataConfig, dataset) -> tuple[list[dict], list[dict], dict]:
     """Seeded sample of `cfg.rows` valid, cleaned, distinct rows, split into (train, eval, report)."""
-    check_columns(cfg, dataset.column_names)
     if cfg.rows > len(dataset):
         raise DataError(f"data.rows = {cfg.rows} is larger than the source ({len(dataset)} rows in {cfg.source})")
-    if cfg.strict:
-        validate_all(cfg, dataset)
     order = [int(i) for i in np.random.default_rng(cfg.seed).permutation(len(dataset))]
-    kept, seen_exact, seen_near = [], set(), set()
-    read, dropped, changed, cut_off = 0, Counter(), Counter(), 0
-    # Walk the shuffled source until N good rows are kept; each drop and change is counted.
-    for _, raw in in_batches(dataset, order):
-        if len(kept) == cfg.rows:
-            break
-        read += 1
-        row, drop, rules = prepare_row(raw, cfg)
-        changed.update(rules)
-        if drop:
-            dropped[drop] += 1
-            continue
-        if looks_cut_off(row["output"]):
-            cut_off += 1
-            if cfg.drop_cut_off:
-                dropped["answer cut off mid-sentence"] += 1
-                continue
-        exact, near = (row["input"], row["output"]), near_duplicate_key(row["input"], row["output"])
-        if cfg.dedupe and (exact in seen_exact or near in seen_near):
-            dropped["duplicate (exact)" if exact in seen_exact else "duplicate (near-exact)"] += 1
-            continue
-        seen_exact.add(exact)
-        seen_near.add(near)
-        kept.append(row)
+    cleaned = clean_rows(cfg, dataset, order, limit=cfg.rows)
+    kept = cleaned.rows
     if len(kept) < cfg.rows:
         raise DataError(
-            f"data.rows = {cfg.rows}: only {len(kept)} usable rows in {cfg.source} (dropped {dict(dropped)})"
+            f"data.rows = {cfg.rows}: only {len(kept)} usable rows in {cfg.source} (dropped {dict(cleaned.dropped)})"
         )
     n_eval = max(1, round(cfg.rows * cfg.eval_fraction))
     if n_eval >= cfg.rows:
         raise DataError(f"data.eval_fraction = {cfg.eval_fraction} leaves no training rows out of {cfg.rows}")
     report = {
         "source_rows": len(dataset),
-        "rows_read": read,
-        "rows_kept": len(kept),
-        "dropped": dict(sorted(dropped.items())),
-        "changed": dict(sorted(changed.items())),
-        "answers_cut_off": cut_off,
+        **cleaned.counts(),
         "train_rows": cfg.rows - n_eval,
         "eval_rows": n_eval,
         "chars": {field: _length_stats(kept, field) for field in REQUIRED},

@@ -1,10 +1,14 @@
-"""Step `train`: QLoRA fine-tuning of the base on the tokenized train split.
+"""Step `train`: QLoRA fine-tuning of the base on the tokenized train split, launched and retried.
 
 Reads params sections `model`, `lora` and `train`. Input: `data/tokenized/train.arrow`. Outputs in
 `runs/<run>/` where <run> is a hash of the training data and those sections, so re-running the same
 training finds its own checkpoints and resumes: `checkpoints/checkpoint-N/` every `train.save_steps`
 and `adapter/` (PEFT safetensors + tokenizer + the resolved config), written atomically at the end.
 Train loss, learning rate, grad norm and tokens/s go to the MLflow run per logging step.
+
+This module is the launcher: it decides the run folder and the steps, starts the training
+process (or torchrun, or joins another machine's run) and turns an out-of-memory into a retry with
+half the micro-batch. The recipe that runs inside that process is tasks/train_recipe.py.
 """
 
 from __future__ import annotations
@@ -18,15 +22,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from chat_doctor.attention import VARLEN
-from chat_doctor.attention import register as register_varlen
 from chat_doctor.config import Config, ConfigError, effective_batch, section_hash, split_for_processes
-from chat_doctor.files import atomic_dir, content_hash, write_json
-from chat_doctor.modeling import device, load_base_model, load_tokenizer, resolve_dtype
+from chat_doctor.files import content_hash, write_json
 from chat_doctor.preflight import check_device
-from chat_doctor.tokenized import IGNORE_INDEX, load_split
-from chat_doctor.tracking import log_metrics, set_tags
-from chat_doctor.train_callbacks import callbacks, latest_checkpoint, profiler_callbacks
+from chat_doctor.tokenized import load_split
+from chat_doctor.tracking import set_tags
 
 # How the step is spread over GPUs and machines: the same training whatever they are, so a run can
 # resume on another number of GPUs (the effective batch is kept).
@@ -40,235 +40,11 @@ def run_dir_for(cfg: Config, tokenized: dict[str, str]) -> Path:
     grad_accum doubles, the effective batch stays, and training must resume in the same folder.
     """
     train = cfg.train.model_dump(exclude={"micro_batch_size", "grad_accum", *LAUNCH_KEYS})
-    if not train["pack_length"]:
-        del train["pack_length"]  # runs from before bins existed keep their folder (and resume)
     train["effective_batch"] = effective_batch(cfg.train)
     key = hashlib.sha256(
         json.dumps([section_hash(cfg.model, cfg.lora), train, content_hash(Path(tokenized["train"]))]).encode()
     )
     return Path(cfg.runs_dir) / f"run-{key.hexdigest()[:12]}"
-
-
-def _optimizer(name: str) -> str:
-    if name != "auto":
-        return name
-    return "paged_adamw_8bit" if device() == "cuda" else "adamw_torch"
-
-
-def _training_args(cfg: Config, output_dir: Path):
-    from transformers import TrainingArguments
-
-    t = cfg.train
-    dtype = resolve_dtype(cfg.model.compute_dtype)
-    on_cuda = device() == "cuda"
-    sharded = _sharded(cfg)
-    return TrainingArguments(
-        output_dir=str(output_dir),
-        max_steps=t.max_steps,
-        per_device_train_batch_size=t.micro_batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=math.ceil(t.warmup_ratio * t.max_steps),
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        optim=_optimizer(t.optim),
-        activation_checkpointing=t.gradient_checkpointing and not sharded,
-        activation_checkpointing_kwargs={
-            "use_reentrant": False,
-            "every_n_layers": t.checkpoint_every_n_layers,
-            "offload": t.checkpoint_offload,
-        },
-        use_liger_kernel=t.kernels == "liger",
-        logging_steps=t.logging_steps,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        seed=t.seed,
-        data_seed=t.seed,
-        bf16=on_cuda and str(dtype) == "torch.bfloat16",
-        fp16=on_cuda and str(dtype) == "torch.float16",
-        use_cpu=not on_cuda,
-        # Every adapter weight gets a gradient each step: DDP need not search for unused ones.
-        ddp_find_unused_parameters=False,
-        ddp_backend="gloo" if world_size() > 1 and not on_cuda else None,
-        fsdp="full_shard auto_wrap" if sharded else "",
-        fsdp_config=_fsdp_config(t) if sharded else None,
-        # Rows of similar length share a micro-batch: far less padding than random batches, and
-        # data-parallel processes get micro-batches of similar cost.
-        train_sampling_strategy="group_by_length",
-        include_num_input_tokens_seen="non_padding",
-        # A NaN loss is logged as NaN rather than smoothed over, and the host skips one of its two
-        # waits on the GPU per micro-batch (the token count is the other); the presets in
-        # bench/RESULTS.md were measured this way.
-        logging_nan_inf_filter=False,
-        report_to="none",
-        disable_tqdm=False,
-        dataloader_num_workers=0,
-    )
-
-
-def _fsdp_config(t) -> dict:
-    # FSDP1, the established FSDP-QLoRA path: the 4-bit weights are stored as bf16 (see
-    # load_base_model) so they shard with the rest; FSDP does the layer checkpointing itself.
-    return {
-        "version": 1,
-        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-        "activation_checkpointing": t.gradient_checkpointing,
-        "state_dict_type": "FULL_STATE_DICT",
-        "cpu_ram_efficient_loading": False,
-    }
-
-
-def _collator(cfg: Config, tokenizer):
-    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
-
-    if cfg.train.packing:
-        # One row of concatenated examples; the first label of each example is masked so no
-        # example learns to predict across the boundary.
-        return DataCollatorWithFlattening(
-            return_position_ids=True,
-            separator_id=IGNORE_INDEX,
-            return_flash_attn_kwargs=cfg.train.attention == VARLEN,  # the row boundaries, for varlen
-        )
-    # Pads ids with the pad token and labels with IGNORE_INDEX, so EOS labels stay trained.
-    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8)
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _sharded(cfg: Config) -> bool:
-    """FSDP in effect: asked for, and more than one process to shard over."""
-    return cfg.train.strategy == "fsdp" and world_size() > 1
-
-
-def is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"
-
-
-def _adapted_model(cfg: Config):
-    """The 4-bit base with fresh LoRA adapters, prepared for training as the config says."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    if cfg.train.attention == VARLEN:
-        register_varlen()
-    model = load_base_model(cfg.model, quantized=True, attention=cfg.train.attention)
-    if cfg.train.upcast_layers:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
-    lora = LoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        target_modules=list(cfg.lora.target_modules),
-        task_type="CAUSAL_LM",
-    )
-    if "lm_head" in cfg.lora.target_modules:
-        extra = cfg.lora.r * (model.config.hidden_size + model.config.vocab_size)
-        print(f"warning: lora.target_modules includes lm_head: +{extra:,} adapter parameters, slower steps")
-    model = get_peft_model(model, lora, autocast_adapter_dtype=cfg.lora.adapter_dtype == "float32")
-    if cfg.lora.adapter_dtype == "compute":
-        dtype = resolve_dtype(cfg.model.compute_dtype)
-        for param in model.parameters():
-            if param.requires_grad:
-                param.data = param.data.to(dtype)
-    # No KV cache in training: with one, transformers would not derive per-row attention from the
-    # position ids of packed batches.
-    model.config.use_cache = False
-    return model
-
-
-def build_trainer(cfg: Config, train_path: str, checkpoints: Path, extra_callbacks: list = ()):
-    """The Trainer for `cfg` on the tokenized split at `train_path` (also what bench/ measures)."""
-    from transformers import Trainer, TrainerCallback
-
-    class PackedTrainer(Trainer):
-        """Micro-batches of train.micro_batch_size bins of at most train.pack_length tokens."""
-
-        def get_train_dataloader(self):
-            loader, self.packed_sampler = _packed_dataloader(self, cfg.train)
-            return loader
-
-    class SamplerEpoch(TrainerCallback):
-        """Tells the bin sampler the epoch before each one starts. The Trainer does too, except when
-        a data-parallel run resumes mid-epoch (its wrappers then hide the sampler), and a wrong
-        epoch there would replay the bins of another order."""
-
-        def on_epoch_begin(self, args, state, control, **kwargs):
-            trainer.packed_sampler.set_epoch(math.floor(state.epoch or 0))
-
-    tokenizer = load_tokenizer(cfg.model)
-    model = _adapted_model(cfg)
-    packed = bool(cfg.train.pack_length)
-    trainer = (PackedTrainer if packed else Trainer)(
-        model=model,
-        args=_training_args(cfg, checkpoints),
-        train_dataset=load_split(train_path),
-        processing_class=tokenizer,
-        data_collator=_collator(cfg, tokenizer),
-        callbacks=[*extra_callbacks, *profiler_callbacks(), *([SamplerEpoch()] if packed else [])],
-    )
-    return trainer
-
-
-def _packed_dataloader(trainer, train):
-    """The train DataLoader over token-budget bins (accelerate hands each process whole micro-batches),
-    and its sampler."""
-    import pyarrow.compute as pc
-    from torch.utils.data import DataLoader
-
-    from chat_doctor.packing import PackedBatchSampler
-
-    dataset = trainer.train_dataset
-    lengths = pc.list_value_length(dataset.data.column("input_ids")).to_pylist()
-    sampler = PackedBatchSampler(lengths, train.pack_length, train.micro_batch_size, train.seed)
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=trainer.data_collator, num_workers=0)
-    return trainer.accelerator.prepare(loader), sampler
-
-
-def train_in_process(
-    cfg: Config, tokenized: dict[str, str], mlflow_run_id: str | None = None, run_dir: Path | None = None
-) -> dict[str, str]:
-    """Train the LoRA adapter on the 4-bit base in this process (or in each data-parallel one).
-
-    Resumes from the last complete checkpoint. Under a multi-process launch every process trains
-    its share of each step; the first one logs and writes the adapter.
-    """
-    run_dir = run_dir or run_dir_for(cfg, tokenized)
-    if cfg.train.max_steps is None:  # called directly, not through run_train, which derives them
-        cfg = steps_for_epochs(cfg, tokenized["train"])
-    checkpoints = run_dir / "checkpoints"
-    main = is_main_process()
-    micro, accum = split_for_processes(cfg.train, world_size())  # this process's share of each step
-    share = cfg.model_copy(
-        update={"train": cfg.train.model_copy(update={"micro_batch_size": micro, "grad_accum": accum})}
-    )
-    resume = latest_checkpoint(checkpoints)
-    adapter = run_dir / "adapter"
-    outputs = {"run_dir": str(run_dir), "adapter": str(adapter), "resumed_from": resume or ""}
-    if resume and int(Path(resume).name.split("-")[1]) >= cfg.train.max_steps and adapter.is_dir():
-        # Finished here before (same data and settings): the adapter stands. Resuming the Trainer
-        # at its last step would train one step more when that step ended mid-epoch.
-        print(f"training finished in {run_dir} before (checkpoint {Path(resume).name}); its adapter is reused")
-        return outputs
-    trainer = build_trainer(share, tokenized["train"], checkpoints, callbacks(run_dir, mlflow_run_id if main else None))
-    result = trainer.train(resume_from_checkpoint=resume)
-    state_dict = None
-    if _sharded(cfg):
-        state_dict = trainer.accelerator.get_state_dict(trainer.model)  # gathers the shards: all processes
-    if not main:
-        return outputs
-    if mlflow_run_id:
-        figures = {"train/final_loss": result.training_loss, "train/runtime_s": result.metrics.get("train_runtime", 0)}
-        log_metrics(mlflow_run_id, figures, step=trainer.state.global_step)
-    with atomic_dir(adapter) as staging:
-        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(
-            staging, state_dict=state_dict, safe_serialization=True
-        )
-        trainer.processing_class.save_pretrained(staging)
-        (staging / "chat_doctor_config.json").write_text(json.dumps(cfg.model_dump(), indent=2, sort_keys=True))
-    return outputs
 
 
 class OutOfMemory(RuntimeError):
@@ -429,7 +205,9 @@ def main(spec_path: str) -> int:
     cfg = Config.model_validate(spec["config"])
     rank = os.environ.get("RANK", "0")
     outcome = Path(spec_path).parent / ("outcome.json" if rank == "0" else f"outcome-rank{rank}.json")
-    monitor = _system_metrics(spec["mlflow_run_id"]) if is_main_process() else None
+    from tasks.train_recipe import train_in_process  # loads transformers: the training process only
+
+    monitor = _system_metrics(spec["mlflow_run_id"]) if rank == "0" else None
     try:
         run_dir = Path(spec_path).parent  # the folder the step made for this attempt
         write_json(outcome, train_in_process(cfg, spec["tokenized"], spec["mlflow_run_id"], run_dir))

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from chat_doctor.config.presets import QUICK_EVAL  # noqa: F401  (tests import it from here)
+
 # Prefect keeps results and cache records under PREFECT_HOME: give the tests their own.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="chat-doctor-prefect-")
 os.environ.pop("PREFECT_API_URL", None)
@@ -27,7 +29,6 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 REAL_ROWS = SHARED_DATA / "healthcaremagic_400"
 TEST_PRESET = "cpu-tiny"
-QUICK_EVAL = {"evaluate.rows": 2, "evaluate.max_new_tokens": 8}  # a couple of short answers per model
 
 
 def _git(cwd: Path, *args: str) -> None:

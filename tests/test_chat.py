@@ -65,6 +65,20 @@ def served_chat(root: Path, log_dir: Path, *args: str, **env: str):
         log.close()
 
 
+def watch_answer(page, timeout: float = 120) -> tuple[list[int], str]:
+    """The lengths of the bot's last message as it streams in, and its final text (5 s unchanged)."""
+    lengths, text, deadline, last_change = [], "", time.time() + timeout, time.time()
+    while time.time() < deadline and time.time() - last_change < 5:
+        bots = page.locator('[data-testid="bot"]')
+        if bots.count():
+            text = bots.last.inner_text()
+            if not lengths or len(text) != lengths[-1]:
+                last_change = time.time()
+            lengths.append(len(text))
+        time.sleep(0.05)
+    return lengths, text
+
+
 @pytest.fixture(scope="module")
 def chat_server(shared_run, tmp_path_factory):
     user, password = LOGIN
@@ -93,15 +107,7 @@ def test_browser_logs_in_and_sees_the_disclaimer_the_card_and_a_streamed_answer(
         assert "Evaluation: eval_split" in card and "Promoted to champion" in card
         box.fill(QUESTION)
         box.press("Enter")
-        lengths, deadline, last_change = [], time.time() + 120, time.time()
-        while time.time() < deadline and time.time() - last_change < 5:  # until 5 s without change
-            bots = page.locator('[data-testid="bot"]')
-            if bots.count():
-                length = len(bots.last.inner_text())
-                if not lengths or length != lengths[-1]:
-                    last_change = time.time()
-                lengths.append(length)
-            time.sleep(0.05)
+        lengths, _ = watch_answer(page)
         browser.close()
     grown = sorted(set(n for n in lengths if n))
     assert len(grown) >= 3, f"the answer did not arrive in pieces: lengths seen {grown}"

@@ -169,3 +169,17 @@ def test_missing_params_file(tmp_path):
 def test_presets_are_valid():
     for name in PRESETS:
         assert build_config({"preset": name}).preset == name
+
+
+def test_every_key_is_documented_and_the_reference_is_current():
+    """docs/config.md is rendered from the schema; a field without a description, or a schema change
+    without a new render, fails here."""
+    from chat_doctor.config.reference import REFERENCE_FILE, render, sections
+
+    undocumented = [f"{s}.{k}" for s, m in sections().items() for k, f in m.model_fields.items() if not f.description]
+    assert undocumented == []
+    rendered = render()
+    assert "| `train.learning_rate` | float | `0.002` | Peak learning rate. |" in rendered
+    assert "- `mistral-7b-lean`: " in rendered and '`merge.device="cpu"`' in rendered
+    committed = (Path(__file__).resolve().parents[1] / REFERENCE_FILE).read_text()
+    assert committed == rendered, "run: python -m chat_doctor.config.reference > docs/config.md"

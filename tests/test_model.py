@@ -15,7 +15,8 @@ from chat_doctor.files import content_hash
 from tasks.merge import run_merge
 from tasks.sample import run_sample
 from tasks.tokenize import run_tokenize
-from tasks.train import run_train, train_in_process
+from tasks.train import run_train
+from tasks.train_recipe import train_in_process
 from tests.conftest import FAST, REAL_ROWS, copy_of_shared, needs_real_rows
 
 pytestmark = pytest.mark.slow
@@ -78,12 +79,13 @@ def _packed_batch(cfg, monkeypatch) -> dict:
     tokenized = run_tokenize(cfg.tokenize, cfg.model, run_sample(cfg.data))
     seen = []
 
-    class RecordingTrainer(transformers.Trainer):
-        def compute_loss(self, model, inputs, *args, **kwargs):
-            seen.append({**{k: v.detach().clone() for k, v in inputs.items()}, "use_cache": model.config.use_cache})
-            return super().compute_loss(model, inputs, *args, **kwargs)
+    compute_loss = transformers.Trainer.compute_loss
 
-    monkeypatch.setattr(transformers, "Trainer", RecordingTrainer)
+    def recording(self, model, inputs, *args, **kwargs):
+        seen.append({**{k: v.detach().clone() for k, v in inputs.items()}, "use_cache": model.config.use_cache})
+        return compute_loss(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.Trainer, "compute_loss", recording)
     train_in_process(cfg, tokenized)
     return seen[0]
 
@@ -198,7 +200,7 @@ def test_evaluation_report_and_all_or_nothing_registration(shared, tmp_path, mon
     store of their own, where a failure while moving the aliases must leave nothing behind."""
     import mlflow
 
-    from chat_doctor.config import METRICS
+    from chat_doctor.metrics import METRICS
     from chat_doctor.model_card import DISCLAIMER
     from chat_doctor.tracking import start_run, tracking_uri
     from tasks.register import run_register

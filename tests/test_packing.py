@@ -12,7 +12,7 @@ from chat_doctor.config import ConfigError, build_config, load_config
 from chat_doctor.packing import PackedBatchSampler, pack_rows
 from tasks.sample import run_sample
 from tasks.tokenize import run_tokenize
-from tasks.train import train_in_process
+from tasks.train_recipe import train_in_process
 
 
 def _lengths(seed: int, n: int, low: int, high: int) -> list[int]:
@@ -86,7 +86,7 @@ def test_a_data_parallel_run_resumed_mid_epoch_needs_the_epoch_told_to_the_sampl
 def test_the_trainer_tells_the_bin_sampler_each_epoch(project):
     from transformers import TrainerState
 
-    from tasks.train import build_trainer
+    from chat_doctor.trainer import build_trainer
 
     overrides = {"data.rows": 40, "lora.r": 4, "train.packing": True, "train.pack_length": 512}
     cfg = load_config("params.yaml", overrides)
@@ -144,12 +144,13 @@ def test_training_micro_batches_hold_whole_rows_up_to_the_budget(project, monkey
     tokenized = run_tokenize(cfg.tokenize, cfg.model, run_sample(cfg.data))
     seen = []
 
-    class RecordingTrainer(transformers.Trainer):
-        def compute_loss(self, model, inputs, *args, **kwargs):
-            seen.append({k: v.detach().clone() for k, v in inputs.items()})
-            return super().compute_loss(model, inputs, *args, **kwargs)
+    compute_loss = transformers.Trainer.compute_loss
 
-    monkeypatch.setattr(transformers, "Trainer", RecordingTrainer)
+    def recording(self, model, inputs, *args, **kwargs):
+        seen.append({k: v.detach().clone() for k, v in inputs.items()})
+        return compute_loss(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.Trainer, "compute_loss", recording)
     out = train_in_process(cfg, tokenized)
     assert len(seen) == 3
     for batch in seen:

@@ -125,7 +125,8 @@ def test_resuming_from_a_poisoned_checkpoint_does_not_run_its_pickles(project, t
     from chat_doctor.train_callbacks import COMPLETE
     from tasks.sample import run_sample
     from tasks.tokenize import run_tokenize
-    from tasks.train import run_dir_for, train_in_process
+    from tasks.train import run_dir_for
+    from tasks.train_recipe import train_in_process
 
     cfg = load_config("params.yaml", {"train.max_steps": 2, "train.save_steps": 1})
     tokenized = run_tokenize(cfg.tokenize, cfg.model, run_sample(cfg.data))

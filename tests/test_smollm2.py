@@ -86,3 +86,28 @@ def test_the_demo_preset_runs_the_flow_on_the_real_model(project, prefect_server
     samples = [json.loads(line) for line in next(Path("runs").glob("run-*/eval/samples.jsonl")).open()]
     for row in samples:
         assert {"the", "you", "your", "a", "to", "is"} & set(row["tuned"]["answer"].lower().split()), row
+    # The chat on that champion, as `make chat` serves it: the answer in English with the ChatML
+    # template and its special tokens stripped, in the page and through the API.
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_chat import CHROMIUM, CHROMIUM_FLAGS, QUESTION, served_chat, watch_answer
+
+    with served_chat(project, project, "--model", "candidate") as (url, _):
+        from gradio_client import Client
+
+        result = Client(url, verbose=False).predict(QUESTION, api_name="/answer")
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+            page = browser.new_page()
+            page.goto(url, wait_until="domcontentloaded")
+            box = page.get_by_placeholder("Describe your symptoms")
+            box.wait_for(timeout=60_000)
+            assert "smollm2-135m" in page.locator("#model-card").inner_text()
+            box.fill(QUESTION)
+            box.press("Enter")
+            _, shown = watch_answer(page, timeout=300)
+            browser.close()
+    for answer in (result["answer"], shown):
+        assert not any(t in answer for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "assistant\n")), answer
+        words = answer.lower().split()
+        assert len(words) >= 5 and {"the", "you", "your", "a", "to", "is"} & set(words), answer

@@ -1,0 +1,88 @@
+"""Sections `merge`, `evaluate`, `registry` and `chat`: what happens to an adapter once trained."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationInfo, field_validator
+
+from chat_doctor.config.common import Section, is_local
+from chat_doctor.metrics import RANKED
+
+
+class MergeConfig(Section):
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Full-precision base the adapter is merged into; auto = bf16 on GPU, fp32 on CPU."
+    )
+    device: Literal["auto", "cpu"] = Field(
+        "auto",
+        description="auto = the GPU when there is one; cpu = in host memory, for a GPU smaller than the "
+        "full-precision base (7B in bf16: ~15 GB of host memory, ~1 minute).",
+    )
+
+
+class EvaluateConfig(Section):
+    batch_size: int = Field(8, gt=0, description="Rows per eval forward pass and per generation batch (halved on OOM).")
+    rows: int = Field(
+        40, gt=0, description="Eval rows each model answers (generation is the slow part); loss uses every row."
+    )
+    max_new_tokens: int = Field(125, gt=0, description="Generation limit per answer (the original's 125).")
+    repetition_penalty: float = Field(1.15, ge=1.0, description="The original notebook's setting; 1.0 = off.")
+    load_in_4bit: bool = Field(
+        False,
+        description="Score the models as QLoRA serves them: the 4-bit base, with the adapter for the tuned "
+        "model, instead of the full-precision base and merged model (7B: ~5 GiB of GPU memory, not ~16).",
+    )
+    source: str | None = Field(
+        None,
+        description="Extra eval rows besides the eval split, e.g. held-out real rows: a local file or folder "
+        "or hub id (formats and columns as data.*). When set, promotion is judged on these rows.",
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _source_exists(cls, value: str | None) -> str | None:
+        if value and is_local(value) and not Path(value).expanduser().exists():
+            raise ValueError(f"{value!r} does not exist")
+        return value
+
+
+class RegisterConfig(Section):
+    experiment: str = Field("chat-doctor", min_length=1, description="MLflow experiment.")
+    model_name: str = Field("chat-doctor-adapter", min_length=1, description="Registered model name.")
+    alias: str = Field("candidate", min_length=1, description="Alias moved to each new version.")
+    champion_alias: str = Field(
+        "champion", min_length=1, description="Alias moved only when a version beats the base and the champion."
+    )
+    promote_metric: Literal[RANKED] = Field(
+        "loss", description="What promotion compares. Loss is the least noisy on small eval sets."
+    )
+    min_improvement: float = Field(
+        0.0, ge=0, description="How much better (in the metric's units) a version must be to be promoted."
+    )
+    register_merged: bool = Field(
+        False, description="Also register the merged full-precision model as `<model_name>-merged` (14 GB for 7B)."
+    )
+
+    @field_validator("champion_alias")
+    @classmethod
+    def _aliases_differ(cls, value: str, info: ValidationInfo) -> str:
+        if value == info.data.get("alias"):
+            raise ValueError("must differ from registry.alias (the newest version's alias)")
+        return value
+
+
+class ChatConfig(Section):
+    model: str = Field(
+        "champion",
+        min_length=1,
+        description="Registry alias (champion), version (3 or v3), or a local adapter or merged folder.",
+    )
+    host: str = Field("127.0.0.1", description="Address the UI binds; 0.0.0.0 exposes it to the network.")
+    port: int = Field(7860, ge=1, le=65535, description="Port of the chat UI (Gradio's usual 7860).")
+    max_input_chars: int = Field(2000, gt=0, description="Longer messages are refused with a message.")
+    max_new_tokens: int = Field(125, gt=0, le=2048, description="Answer length limit (the original's 125).")
+    repetition_penalty: float = Field(1.15, ge=1.0, le=2.0, description="The original's setting.")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy (the original); above 0 samples.")
+    top_p: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling, used when temperature > 0.")

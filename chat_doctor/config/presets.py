@@ -1,0 +1,112 @@
+"""Named starting points for params.yaml (`preset:`): plain values, merged under its sections."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from chat_doctor.config.common import SMOLLM2
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+# Presets hold only what differs from the field defaults above (which are `cpu-tiny`).
+# The Mistral-7B presets: bench/gpu_speed.py measures each against the notebook and unsloth
+# (bench/RESULTS.md); `mistral-7b` is the fastest that fits 40 GiB, `-lean` the smallest.
+_MISTRAL_7B = {
+    "model": {"base": "mistralai/Mistral-7B-v0.1"},
+    "data": {"source": "lavita/ChatDoctor-HealthCareMagic-100k", "rows": 5000},
+    "tokenize": {"max_length": 512},
+    "evaluate": {"batch_size": 16, "rows": 500},
+}
+_FAST = {
+    # r=32 on all seven projections (no lm_head: +1.2M parameters, 10% slower, nothing gained);
+    # bf16 throughout; rows packed with per-row attention; no activation recomputation.
+    "lora": {"r": 32, "alpha": 64, "dropout": 0.0, "adapter_dtype": "compute"},
+    "train": {
+        # Micro-batches by token budget: 4 bins of whole rows, each <= 1,536 tokens, so every forward
+        # pass holds ~6,100 tokens (16 rows held 500 to 8,192) and GPUs of a data-parallel run get equal
+        # work. 4 x 2,048 ran 1.5% faster but peaked at 42 GiB.
+        "pack_length": 1536,
+        "micro_batch_size": 4,
+        "grad_accum": 4,  # ~24k tokens (~190 rows) a step; 4 GPUs each take one micro-batch of it
+        "epochs": 1,  # one pass over 4,500 HealthCareMagic rows: ~52 steps of 16 bins (~820 bins; 274 tokens a row)
+        "learning_rate": 2e-4,
+        "optim": "adamw_torch_fused",
+        "gradient_checkpointing": False,
+        "upcast_layers": False,
+        "kernels": "liger",
+        "attention": "varlen",
+        "packing": True,
+        "logging_steps": 5,
+        "save_steps": 20,
+        "save_total_limit": 3,
+    },
+}
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu-tiny": {},
+    # The demo: SmolLM2-135M-Instruct (real weights, embedded) fine-tuned in 4 bit on the bundled
+    # sample, sized for `make demo` on 2 CPU cores (~4.5 s a step). 12 steps of 4 rows teach it to
+    # stop; beyond ~12 its loss on real HealthCareMagic rows rises above the base's, as it learns
+    # the sample's one answer frame (bench/RESULTS.md).
+    "smollm2-135m": {
+        "model": {"base": SMOLLM2},
+        "tokenize": {"template": "chatml"},
+        "train": {
+            "max_steps": 12,
+            "micro_batch_size": 4,
+            "grad_accum": 1,
+            "learning_rate": 5e-4,
+            "logging_steps": 2,
+            "save_steps": 4,
+        },
+        "evaluate": {"rows": 8},
+    },
+    "mistral-7b": deep_merge(_MISTRAL_7B, _FAST),
+    # Least GPU memory, for a 16 GiB card: the fast recipe on the same micro-batches, recomputing
+    # each layer in the backward pass from its input, which waits in CPU memory (5.5 GiB at 1.08x
+    # unsloth; kept on the GPU: 6.9 GiB; 2 bins a micro-batch: 5.6 GiB at 0.66x unsloth,
+    # launch-bound). The bf16 base (14.5 GB) is merged in host memory and evaluation runs on the
+    # 4-bit base, so no step needs more GPU memory than training.
+    "mistral-7b-lean": deep_merge(
+        deep_merge(_MISTRAL_7B, _FAST),
+        {
+            "train": {
+                "optim": "paged_adamw_8bit",
+                "gradient_checkpointing": True,
+                "checkpoint_offload": True,
+            },
+            "merge": {"device": "cpu", "dtype": "bfloat16"},
+            "evaluate": {"load_in_4bit": True},
+        },
+    ),
+    # The original Chat-Doctor notebook's recipe (unpacked rows, fp32 norms and lm_head, checkpointing).
+    "mistral-7b-original": deep_merge(
+        _MISTRAL_7B,
+        {
+            "lora": {"r": 32, "alpha": 64, "dropout": 0.05},
+            "train": {
+                "max_steps": 500,  # 2,000 rows: 0.44 of an epoch of 4,500 rows, as the notebook ran
+                "micro_batch_size": 4,
+                "grad_accum": 1,
+                "learning_rate": 2.5e-4,
+                "optim": "paged_adamw_8bit",
+                "gradient_checkpointing": True,
+                "logging_steps": 10,
+                "save_steps": 50,
+                "save_total_limit": 3,
+            },
+        },
+    ),
+}
+
+# Overrides for smoke runs (tests, bench/soak.py): a couple of short answers per model.
+QUICK_EVAL = {"evaluate.rows": 2, "evaluate.max_new_tokens": 8}
