@@ -91,9 +91,17 @@ RECIPES: dict[str, dict] = {
     "lean-2bins": {"kind": "ours", "preset": "mistral-7b-lean", "bins": True, "reference": "fast",
                    "set": {"train.micro_batch_size": 2, "train.grad_accum": 8, "train.checkpoint_offload": False},
                    "what": "lean-gpu with 2 bins a micro-batch (the lean preset before)"},
-    "unsloth": {"kind": "unsloth", "seq": 2048, "batch": 4,
-                "what": "unsloth peer, packed 2048 x 4, its offloaded checkpointing"},
+    # The peer takes 3 micro-batches of 4 bins of <= 2,048 tokens a step: ~24k tokens, as `fast` does.
+    "unsloth": {"kind": "unsloth", "seq": 2048, "batch": 4, "grad_accum": 3, "checkpointing": "unsloth",
+                "what": "unsloth as it runs on this torch (varlen off: SDPA looped over rows), 3 x 4 bins of "
+                "<= 2,048, its offloaded checkpointing (reference only)"},
+    "unsloth-fair": {"kind": "unsloth", "seq": 2048, "batch": 4, "grad_accum": 3, "checkpointing": "unsloth",
+                     "fair": True, "what": "unsloth with the varlen GQA work-around, its offloaded checkpointing"},
+    "unsloth-fair-nockpt": {"kind": "unsloth", "seq": 2048, "batch": 4, "grad_accum": 3, "checkpointing": "off",
+                            "fair": True, "what": "unsloth with the varlen GQA work-around, no checkpointing"},
 }  # fmt: skip
+# The fair peer of each memory class: a recipe of ours not compared with it in the same run fails.
+PEER = {"fast": "unsloth-fair-nockpt", "lean": "unsloth-fair"}
 REFERENCE = "plain"  # our recipes' losses are checked against this one unless they name theirs
 
 
@@ -130,11 +138,20 @@ def prepare(args) -> dict:
     tokenizer = load_tokenizer(ModelConfig(base=str(model_dir)))
     tok_cfg = TokenizeConfig(template="original", max_length=512, loss_on="completion")
     ids_col, labels_col = [], []
-    for row in read_rows(args.rows):
+    source = read_rows(args.rows)
+    for row in source:
         ids, labels, status = tokenize_row(tokenizer, tok_cfg, row)
         if status != "dropped":
             ids_col.append(ids)
             labels_col.append(labels)
+    kept, tokens = len(ids_col), sum(len(i) for i in ids_col)
+    # Cycle the real rows until every recipe's warm-up and timed steps find new rows to read.
+    for i in range(10**7):
+        if tokens >= args.tokens:
+            break
+        ids_col.append(ids_col[i % kept])
+        labels_col.append(labels_col[i % kept])
+        tokens += len(ids_col[-1])
     write_split(work / "train.arrow", {"input_ids": ids_col, "labels": labels_col})
     # The notebook: every row padded to 512 with pad = eos, loss on all tokens, and every eos
     # (the real one too) masked as padding.
@@ -145,9 +162,9 @@ def prepare(args) -> dict:
         padded["attention_mask"].append([1] * len(ids) + [0] * (n - len(ids)))
         padded["labels"].append([IGNORE_INDEX if t == eos else t for t in padded["input_ids"][-1]])
     write_split(work / "original.arrow", padded)
-    tokens = sum(len(i) for i in ids_col)
     return {
         "model": str(model_dir),
+        "source_rows": kept,
         "rows": len(ids_col),
         "tokens": tokens,
         "padding_share": 1 - tokens / (n * len(ids_col)),
@@ -171,15 +188,9 @@ def _recipe_config(name: str, model: str, steps: int, warmup: int):
 
 
 def _timed_steps(name: str, steps: int) -> int:
-    """Steps of about the same tokens as `steps` of 64 rows: the notebook's hold 4 rows (so 4x as
-    many); bin steps 16 bins of <= 1,536 tokens (~24k, ~3x a 64-row step, so half as many);
-    unsloth's 4 x 2,048 (~8k, so 2x as many)."""
-    kind = RECIPES[name]["kind"]
-    if kind == "original":
-        return steps * 4
-    if kind == "unsloth":
-        return steps * 2
-    return max(steps // 2, 4) if RECIPES[name].get("bins") else steps
+    """Timed optimizer steps: `steps` for every recipe (~24k tokens a step for bins and the peer,
+    ~17k for 64 rows); 4x as many for the notebook, whose steps hold 4 rows."""
+    return steps * 4 if RECIPES[name]["kind"] == "original" else steps
 
 
 def run_one(args) -> None:
@@ -203,44 +214,51 @@ def run_one(args) -> None:
 
 
 def generation_speed(args) -> None:
-    """Child process: batched greedy generation, 4-bit base + adapter vs the merged bf16 model."""
+    """Child process: the evaluate step's own generation (tasks/evaluate.py generate_answers, greedy,
+    repetition penalty 1.15, up to 125 new tokens) of --gen-rows real prompts with the merged bf16
+    model, at several batch sizes, in the rows' order and sorted by prompt length; each set of
+    answers is compared with today's (batch 16, rows' order)."""
     import torch
 
     from bench.speed_probe import emit
-    from chat_doctor.config import ModelConfig
+    from chat_doctor.config import ModelConfig, build_config
     from chat_doctor.modeling import load_adapter, load_base_model, load_tokenizer
     from chat_doctor.prompts import build_prompt
+    from tasks.evaluate import generate_answers
 
-    cfg = ModelConfig(base=args.model)
-    tokenizer = load_tokenizer(cfg)
-    tokenizer.padding_side = "left"
-    prompts = [build_prompt("original", r["input"]) for r in read_rows(args.rows)[: args.gen_batch]]
-    figures = {}
-    for form in ("4-bit + adapter", "merged bf16"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        model = load_adapter(load_base_model(cfg, quantized=form.startswith("4-bit")), args.adapter)
-        if form == "merged bf16":
-            model = model.merge_and_unload()
-        model.eval()
-        batch = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
-        new = args.gen_tokens
-        with torch.inference_mode():
-            model.generate(**batch, max_new_tokens=8, min_new_tokens=8, do_sample=False)  # warm-up
+    cfg = build_config({"preset": "mistral-7b", "model": {"base": args.model}})
+    tokenizer = load_tokenizer(ModelConfig(base=args.model))
+    rows = read_rows(args.rows)
+    prompts = [build_prompt("original", rows[i % len(rows)]["input"]) for i in range(args.gen_rows)]
+    model = load_adapter(load_base_model(cfg.model, quantized=False, dtype_name="bfloat16"), args.adapter)
+    model = model.merge_and_unload().eval()
+    generate_answers(model, tokenizer, prompts[:8], cfg, 8)  # warm-up
+    lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
+    longest_first = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    figures, baseline = {}, None
+    for batch in args.gen_batches:
+        for order in ("rows", "sorted"):
+            index = list(range(len(prompts))) if order == "rows" else longest_first
+            torch.cuda.reset_peak_memory_stats()
             torch.cuda.synchronize()
             start = time.perf_counter()
-            out = model.generate(**batch, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+            answers = generate_answers(model, tokenizer, [prompts[i] for i in index], cfg, batch)
             torch.cuda.synchronize()
             seconds = time.perf_counter() - start
-        generated = (out.shape[1] - batch["input_ids"].shape[1]) * out.shape[0]
-        figures[form] = {
-            "new_tokens_per_s": round(generated / seconds, 1),
-            "batch": len(prompts),
-            "new_tokens": new,
-            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-        }
-        del model
-    emit(figures)
+            by_row = [None] * len(prompts)
+            for i, answer in zip(index, answers, strict=True):
+                by_row[i] = answer["answer"]
+            baseline = baseline or by_row
+            new_tokens = sum(len(tokenizer(a)["input_ids"]) for a in by_row)
+            same = sum(a == b for a, b in zip(by_row, baseline, strict=True)) / len(by_row)
+            figures[f"batch {batch}, {order}"] = {
+                "seconds": round(seconds, 1),
+                "new_tokens_per_s": round(new_tokens / seconds, 1),
+                "same_answers_as_batch_16": round(same, 3),
+                "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            }
+            print(json.dumps({f"batch {batch}, {order}": figures[f"batch {batch}, {order}"]}), flush=True)
+    emit({"rows": len(prompts), "forms": figures})
 
 
 def _child(cmd: list[str], env: dict, timeout: int, log: Path) -> dict:
@@ -267,6 +285,8 @@ def checks(results: dict) -> dict[str, str]:
             continue
         problems, compared, skipped = [], [], []
         losses, grad_norms = r["losses"], r.get("grad_norms", [])
+        if r.get("timed_steps", 0) < 20 and r.get("timed_tokens", 0) < 300_000:
+            problems.append(f"only {r.get('timed_steps')} timed steps, {r.get('timed_tokens')} tokens")
         if len(losses) < 2 or not grad_norms:
             skipped.append(f"too few steps ({len(losses)} losses, {len(grad_norms)} grad norms)")
         else:
@@ -288,27 +308,39 @@ def checks(results: dict) -> dict[str, str]:
                 compared.append(f"loss within {gap:.2%} of {reference}")
                 if gap > 0.03:  # bf16 vs fp32 paths and dropout differ; a broken recipe is off by far more
                     problems.append(f"loss differs from {reference} by {gap:.1%}")
-        verdict = "; ".join(problems) or (f"ok: {', '.join(compared)}" if compared else "nothing compared")
+        peer = PEER.get(name)
+        if peer:
+            theirs = results.get(peer, {}).get("tokens_per_s")
+            if theirs and "tokens_per_s" in r:
+                compared.append(f"{r['tokens_per_s'] / theirs:.2f}x {peer}")
+            else:
+                problems.append(f"not compared with its peer {peer} (no figure for it in this run)")
+        if not compared:
+            problems.append("compared with nothing")
+        verdict = "FAILED: " + "; ".join(problems) if problems else f"ok: {', '.join(compared)}"
         verdicts[name] = verdict + (f"; not compared: {', '.join(skipped)}" if skipped else "")
     return verdicts
 
 
 def table(results: dict, verdicts: dict) -> str:
     base = results.get("original", {}).get("tokens_per_s")
-    peer = results.get("unsloth", {}).get("tokens_per_s")
+    fair = {p: results.get(p, {}).get("tokens_per_s") for p in ("unsloth-fair-nockpt", "unsloth-fair")}
     lines = [
-        "| recipe | what | real tokens/s | peak GiB | x original | x unsloth | check |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| recipe | what | tokens a step | real tokens/s | median step (p10-p90) | peak GiB | x original "
+        "| x unsloth fair, no ckpt | x unsloth fair, ckpt | check |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in results.items():
         if "tokens_per_s" not in r:
-            lines.append(f"| {name} | {RECIPES[name]['what']} | failed | | | | {r.get('error', '')[-200:]!r} |")
+            lines.append(f"| {name} | {RECIPES[name]['what']} | | failed | | | | | | {r.get('error', '')[-200:]!r} |")
             continue
         tps = r["tokens_per_s"]
-        to_base, to_peer = (f"{tps / ref:.2f}" if ref else "-" for ref in (base, peer))
+        ratios = [f"{tps / ref:.2f}" if ref else "-" for ref in (base, *fair.values())]
+        low, high = r.get("step_tokens_per_s_p10_p90", ["-", "-"])
         lines.append(
-            f"| {name} | {RECIPES[name]['what']} | {tps:,.0f} | {r['peak_gib']:.1f} | {to_base} | "
-            f"{to_peer} | {verdicts.get(name, '-')} |"
+            f"| {name} | {RECIPES[name]['what']} | {r.get('tokens_per_step', 0):,} | {tps:,.0f} | "
+            f"{r.get('median_step_tokens_per_s', 0):,.0f} ({low:,.0f}-{high:,.0f}) | {r['peak_gib']:.1f} | "
+            f"{' | '.join(ratios)} | {verdicts.get(name, '-')} |"
         )
     return "\n".join(lines)
 
@@ -333,11 +365,12 @@ def main() -> None:
     parser.add_argument("--recipes", default=",".join(RECIPES))
     # 25 steps of 64 rows span two of the length-grouped sampler's megabatches (800 rows each, longest
     # rows first), so the timed rows have the data's average length.
-    parser.add_argument("--steps", type=int, default=25, help="timed steps of 64 rows (scaled for the others)")
+    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per recipe (4x for the notebook)")
+    parser.add_argument("--tokens", type=int, default=700_000, help="real rows are cycled up to this many tokens")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--generate", action="store_true", help="also time generation, 4-bit + adapter vs merged")
-    parser.add_argument("--gen-batch", type=int, default=16)
-    parser.add_argument("--gen-tokens", type=int, default=125)
+    parser.add_argument("--gen-rows", type=int, default=500, help="answers per setting (the evaluate step's 500)")
+    parser.add_argument("--gen-batches", type=lambda v: [int(x) for x in v.split(",")], default=[16, 64, 128])
     parser.add_argument("--work", type=Path, default=Path("/tmp/chat-doctor-speed"))
     parser.add_argument("--logs", type=Path, default=None, help="folder for each child's full log")
     parser.add_argument("--timeout", type=int, default=240, help="seconds per recipe")
@@ -374,7 +407,9 @@ def main() -> None:
             cmd = [sys.executable, str(ROOT / "bench" / "peer_unsloth.py"), "--model", data["model"],
                    "--data", str(args.work / "train.arrow"), "--seq", str(recipe["seq"]),
                    "--batch", str(recipe["batch"]), "--steps", str(_timed_steps(name, args.steps)),
-                   "--warmup", str(args.warmup)]  # fmt: skip
+                   "--warmup", str(args.warmup), "--grad-accum", str(recipe["grad_accum"]),
+                   "--checkpointing", recipe["checkpointing"],
+                   *(["--varlen-gqa"] if recipe.get("fair") else [])]  # fmt: skip
         else:
             extra = ["--save-adapter", str(adapter)] if name == "fast" else []
             cmd = [sys.executable, str(Path(__file__).resolve()), "--run", name, *common, *extra]
@@ -385,16 +420,18 @@ def main() -> None:
     report = table(results, verdicts)
     if args.generate and adapter.is_dir():
         cmd = [sys.executable, str(Path(__file__).resolve()), "--generation", *common, "--adapter", str(adapter),
-               "--gen-batch", str(args.gen_batch), "--gen-tokens", str(args.gen_tokens)]  # fmt: skip
+               "--gen-rows", str(args.gen_rows), "--gen-batches", ",".join(map(str, args.gen_batches))]  # fmt: skip
         gen = _child(cmd, dict(os.environ), args.timeout, logs / "generate.log")
         print(f"generate: {json.dumps(gen)}", flush=True)
         if "error" not in gen:
             report += (
-                "\n\n| generation (greedy, batch of real prompts) | new tokens/s | peak GiB |\n| --- | --- | --- |\n"
+                f"\n\n| evaluate-step generation, merged bf16, {gen['rows']} real prompts | seconds | new tokens/s "
+                "| same answers as batch 16 | peak GiB |\n| --- | --- | --- | --- | --- |\n"
             )
-            forms = {k: v for k, v in gen.items() if isinstance(v, dict)}
             report += "\n".join(
-                f"| {k} | {v['new_tokens_per_s']:,.0f} | {v['peak_gib']:.1f} |" for k, v in forms.items()
+                f"| {k} | {v['seconds']:.1f} | {v['new_tokens_per_s']:,.0f} | {v['same_answers_as_batch_16']:.1%} "
+                f"| {v['peak_gib']:.1f} |"
+                for k, v in gen["forms"].items()
             )
     print(report)
     (args.work / "results.json").write_text(json.dumps({"data": data, "results": results, "checks": verdicts}))
@@ -407,11 +444,10 @@ def main() -> None:
             f"- Card and versions: {versions()}; "
             f"peer: {versions(f'{args.peer_path}:{ROOT}') if args.peer_path else '-'}\n"
             f"- Command: `{command}`\n"
-            f"- Data: {data['rows']:,} real rows, {data['tokens']:,} tokens (padding to 512 would add "
-            f"{data['padding_share']:.0%}); {args.warmup} warm-up steps, then {args.steps} timed steps "
-            f"of 64 rows (original: {_timed_steps('original', args.steps)} of 4 rows; bin recipes: "
-            f"{_timed_steps('fast', args.steps)} of 16 bins; unsloth: {_timed_steps('unsloth', args.steps)} "
-            f"of its 4 x 2,048).\n\n{report}\n"
+            f"- Data: {data['source_rows']:,} real rows cycled to {data['rows']:,} ({data['tokens']:,} tokens; "
+            f"padding to 512 would add {data['padding_share']:.0%}); {args.warmup} warm-up steps, then "
+            f"{args.steps} timed optimizer steps per recipe ({_timed_steps('original', args.steps)} of 4 rows "
+            f"for the notebook); tokens per step in the table.\n\n{report}\n"
         )
         (args.work / "entry.md").write_text(entry)
         with open(ROOT / "bench" / "RESULTS.md", "a") as f:
