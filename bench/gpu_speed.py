@@ -237,7 +237,7 @@ def generation_speed(args) -> None:
     longest_first = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     figures, baseline = {}, None
     for batch in args.gen_batches:
-        for order in ("rows", "sorted"):
+        for order in ("rows", "sorted") if batch != args.gen_batches[0] else ("rows",):
             index = list(range(len(prompts))) if order == "rows" else longest_first
             torch.cuda.reset_peak_memory_stats()
             torch.cuda.synchronize()
@@ -249,7 +249,7 @@ def generation_speed(args) -> None:
             for i, answer in zip(index, answers, strict=True):
                 by_row[i] = answer["answer"]
             baseline = baseline or by_row
-            new_tokens = sum(len(tokenizer(a)["input_ids"]) for a in by_row)
+            new_tokens = sum(a["new_tokens"] for a in answers)
             same = sum(a == b for a, b in zip(by_row, baseline, strict=True)) / len(by_row)
             figures[f"batch {batch}, {order}"] = {
                 "seconds": round(seconds, 1),
@@ -396,7 +396,7 @@ def main() -> None:
     common = ["--work", str(args.work), "--model", data["model"], "--steps", str(args.steps),
               "--warmup", str(args.warmup)] + [a for r in args.rows for a in ("--rows", r)]  # fmt: skip
     adapter = args.work / "adapter-fast"
-    for name in args.recipes.split(","):
+    for name in filter(None, args.recipes.split(",")):
         recipe = RECIPES[name]
         env = dict(os.environ)
         if recipe["kind"] == "unsloth":
@@ -421,7 +421,7 @@ def main() -> None:
     if args.generate and adapter.is_dir():
         cmd = [sys.executable, str(Path(__file__).resolve()), "--generation", *common, "--adapter", str(adapter),
                "--gen-rows", str(args.gen_rows), "--gen-batches", ",".join(map(str, args.gen_batches))]  # fmt: skip
-        gen = _child(cmd, dict(os.environ), args.timeout, logs / "generate.log")
+        gen = _child(cmd, dict(os.environ), 2 * args.timeout, logs / "generate.log")
         print(f"generate: {json.dumps(gen)}", flush=True)
         if "error" not in gen:
             report += (

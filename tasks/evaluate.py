@@ -78,7 +78,8 @@ def generate_answers(model, tokenizer, prompts: list[str], cfg: Config, batch_si
         for row in out[:, batch["input_ids"].shape[1] :].tolist():
             stopped = tokenizer.eos_token_id in row
             row = row[: row.index(tokenizer.eos_token_id)] if stopped else row
-            results.append({"answer": tokenizer.decode(row, skip_special_tokens=True).strip(), "stopped": stopped})
+            answer = tokenizer.decode(row, skip_special_tokens=True).strip()
+            results.append({"answer": answer, "stopped": stopped, "new_tokens": len(row)})
     return results
 
 
