@@ -149,6 +149,9 @@ def adapted_model(cfg: Config):
     # No KV cache in training: with one, transformers would not derive per-row attention from the
     # position ids of packed batches.
     model.config.use_cache = False
+    if cfg.train.compile:
+        for layer in model.get_base_model().model.layers:
+            layer.compile(dynamic=True)  # bins vary in length: one graph for all of them
     return model
 
 

@@ -58,13 +58,18 @@ def eval_loss(model, tokenizer, dataset, batch_size: int) -> float:
 
 
 def generate_answers(model, tokenizer, prompts: list[str], cfg: Config, batch_size: int) -> list[dict]:
-    """Greedy answers, batched with left padding; `stopped` says whether EOS came before the limit."""
+    """Greedy answers, batched with left padding; `stopped` says whether EOS came before the limit.
+
+    Prompts of similar length share a batch (longest first), so little of each batch is padding;
+    the answers come back in the prompts' order."""
     import torch
 
     tokenizer.padding_side = "left"  # new tokens follow the prompt directly in every row
+    order = sorted(range(len(prompts)), key=lambda i: -len(tokenizer(prompts[i])["input_ids"]))
     results = []
     for start in range(0, len(prompts), batch_size):
-        batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(model.device)
+        chunk = [prompts[i] for i in order[start : start + batch_size]]
+        batch = tokenizer(chunk, return_tensors="pt", padding=True).to(model.device)
         with torch.no_grad():
             out = model.generate(
                 **batch,
@@ -80,7 +85,10 @@ def generate_answers(model, tokenizer, prompts: list[str], cfg: Config, batch_si
             row = row[: row.index(tokenizer.eos_token_id)] if stopped else row
             answer = tokenizer.decode(row, skip_special_tokens=True).strip()
             results.append({"answer": answer, "stopped": stopped, "new_tokens": len(row)})
-    return results
+    by_prompt = [None] * len(prompts)
+    for i, result in zip(order, results, strict=True):
+        by_prompt[i] = result
+    return by_prompt
 
 
 def with_smaller_batches(work, batch_size: int, what: str):

@@ -22,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from chat_doctor.config import Config, ConfigError, effective_batch, section_hash, split_for_processes
+from chat_doctor.config import RUNS_ROOT, Config, ConfigError, effective_batch, section_hash, split_for_processes
 from chat_doctor.files import content_hash, write_json
 from chat_doctor.preflight import check_device
 from chat_doctor.tokenized import load_split
@@ -179,7 +179,10 @@ def run_train(
             },
         )
     # The children's stdout (progress lines with ETA) is relayed line by line into this step's log.
-    with subprocess.Popen(launch_command(cfg, spec), stdout=subprocess.PIPE, text=True) as child:
+    # Compiled code (train.compile) is cached in the project, not in the user's temp folder.
+    env = {**os.environ}
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(RUNS_ROOT, "compile-cache").resolve()))
+    with subprocess.Popen(launch_command(cfg, spec), stdout=subprocess.PIPE, text=True, env=env) as child:
         for line in child.stdout:
             print(line.rstrip(), flush=True)
             if on_progress and (found := PROGRESS.match(line)):

@@ -39,6 +39,7 @@ __all__ = [
     "PARAMS_FILE",
     "PRESETS",
     "PROCESSED_DIR",
+    "RUNS_ROOT",
     "SMOLLM2",
     "TINY",
     "TOKENIZED_DIR",

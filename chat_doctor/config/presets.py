@@ -25,7 +25,8 @@ _MISTRAL_7B = {
     "model": {"base": "mistralai/Mistral-7B-v0.1"},
     "data": {"source": "lavita/ChatDoctor-HealthCareMagic-100k", "rows": 5000},
     "tokenize": {"max_length": 512},
-    "evaluate": {"batch_size": 16, "rows": 500},
+    # 128 answers a batch on the merged bf16 model: 500 answers in ~30 s on an H200 (batch 16: ~290 s).
+    "evaluate": {"batch_size": 128, "rows": 500},
 }
 _FAST = {
     # r=32 on all seven projections (no lm_head: +1.2M parameters, 10% slower, nothing gained);
@@ -43,6 +44,8 @@ _FAST = {
         "optim": "adamw_torch_fused",
         "gradient_checkpointing": False,
         "upcast_layers": False,
+        # train.compile (no liger) runs 1.12x the tokens/s, but tracing and compiling cost ~60 s a run:
+        # it pays only past ~10M tokens (one epoch of 4,500 rows is 1.2M), so it stays off here.
         "kernels": "liger",
         "attention": "varlen",
         "packing": True,
@@ -85,7 +88,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "checkpoint_offload": True,
             },
             "merge": {"device": "cpu", "dtype": "bfloat16"},
-            "evaluate": {"load_in_4bit": True},
+            "evaluate": {"load_in_4bit": True, "batch_size": 16},
         },
     ),
     # The original Chat-Doctor notebook's recipe (unpacked rows, fp32 norms and lm_head, checkpointing).

@@ -97,6 +97,13 @@ class TrainConfig(Section):
         description="liger: Triton kernels for RMSNorm, SwiGLU and RoPE, and lm_head fused with the loss so "
         "the logits are never held (GPU only; install the `gpu` extra).",
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile each decoder layer (dynamic shapes): 1.12x the tokens/s of the mistral-7b "
+        "preset on an H200, but each run spends ~60 s tracing and compiling first (the inductor cache in "
+        "runs/compile-cache saves ~10 s of it), so it pays past ~10M tokens. Needs kernels: none (dynamo "
+        "rejects liger's functions).",
+    )
     attention: Literal["sdpa", "varlen", "flex_attention", "eager"] = Field(
         "sdpa",
         description="Attention kernel. With packing, sdpa masks a dense block-diagonal matrix; varlen "
@@ -131,6 +138,8 @@ class TrainConfig(Section):
             raise ValueError("train.attention = varlen needs train.packing: true (it attends within packed rows)")
         if self.pack_length and not self.packing:
             raise ValueError("train.pack_length needs train.packing: true (bins are packed rows)")
+        if self.compile and self.kernels == "liger":
+            raise ValueError("train.compile needs train.kernels: none (torch.compile rejects liger's kernels)")
         if self.strategy == "fsdp" and self.upcast_layers:
             raise ValueError("train.strategy = fsdp needs train.upcast_layers: false (FSDP shards one dtype)")
         return self
