@@ -69,16 +69,23 @@ def _from_registry(spec: str, cfg: Config, cache: Path) -> tuple[ModelConfig, Pa
     return model_cfg, adapter, template, version.description or "", label
 
 
-def load_chat_model(spec: str, cfg: Config, cache: Path) -> ChatModel:
-    """`spec`: an alias or version of `registry.model_name`, or a local adapter or merged folder."""
+Located = tuple[ModelConfig, Path | None, str, str, str]  # base config, adapter or None, template, card, label
+
+
+def locate(spec: str, cfg: Config, cache: Path, key: str = "chat.model") -> Located:
+    """(base config, adapter folder or None, template, card, label) of `spec`: an alias or version of
+    `registry.model_name` (its adapter downloaded under `cache`), or a local adapter or merged folder."""
     folder = Path(spec).expanduser()
     if is_local(spec):
         if not folder.exists():
-            raise FileNotFoundError(f"chat.model: {spec!r}: no such folder")
-        model_cfg, adapter, template, card = _from_folder(folder, cfg)
-        label = str(folder)
-    else:
-        model_cfg, adapter, template, card, label = _from_registry(spec, cfg, cache)
+            raise FileNotFoundError(f"{key}: {spec!r}: no such folder")
+        return (*_from_folder(folder, cfg), str(folder))
+    return _from_registry(spec, cfg, cache)
+
+
+def load_chat_model(spec: str, cfg: Config, cache: Path) -> ChatModel:
+    """`spec`: an alias or version of `registry.model_name`, or a local adapter or merged folder."""
+    model_cfg, adapter, template, card, label = locate(spec, cfg, cache)
     # The tokenizer saved beside the adapter if there is one (the registry keeps it elsewhere), else the base's.
     has_tokenizer = adapter is not None and (adapter / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(model_cfg, str(adapter) if has_tokenizer else None)

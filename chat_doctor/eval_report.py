@@ -30,9 +30,8 @@ def markdown_summary(report: dict, samples: list[dict], shown: int = 3) -> str:
     parts = [
         f"## Evaluation: base `{report['base_model']}` vs tuned\n",
         f"Greedy, repetition_penalty {generation['repetition_penalty']}, "
-        f"max_new_tokens {generation['max_new_tokens']}. Promotion is judged on `{report['gate_set']}`. "
-        "; ".join(f"{m.name}: {m.description} ({m.direction})" for m in METRICS.values())
-        + ".\n",
+        f"max_new_tokens {generation['max_new_tokens']}. Promotion is judged on `{report['gate_set']}`.\n",
+        "; ".join(f"{m.name}: {m.description} ({m.direction})" for m in METRICS.values()) + ".\n",
     ]
     for name, result in report["sets"].items():
         parts.append(f"### {name}: {result['rows']} rows for loss, {result['generated']} answered\n")

@@ -14,6 +14,7 @@ retry of the run that made it deletes it:
     chat-doctor-models promote 3 --reason "reviewed answers by hand"
     chat-doctor-models demote champion
     chat-doctor-models download champion --to ./adapter
+    chat-doctor-models export champion --gguf out/
 """
 
 from __future__ import annotations
@@ -200,6 +201,11 @@ def main(argv: list[str] | None = None) -> None:
     download = commands.add_parser("download", help="fetch a version's adapter folder")
     download.add_argument("spec")
     download.add_argument("--to", default=".", type=Path)
+    export = commands.add_parser("export", help="a version (or local folder) as GGUF + Ollama Modelfile")
+    export.add_argument("spec", help="alias, version, or a local adapter or merged folder")
+    export.add_argument("--gguf", required=True, type=Path, help="folder for the .gguf files and the Modelfile")
+    export.add_argument("--types", default="f16,q8_0", help="comma-separated: f16, bf16, q8_0, f32")
+    export.add_argument("--lora", action="store_true", help="also the adapter alone as a GGUF LoRA")
     args = parser.parse_args(argv)
 
     registry = load_config(args.params).registry
@@ -217,6 +223,20 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name}@{args.alias} removed (was v{demote_by_hand(name, args.alias)})")
     elif args.command == "download":
         print(download_adapter(name, resolve(name, args.spec).version, args.to))
+    elif args.command == "export":
+        _export(args)
+
+
+def _export(args) -> None:
+    from chat_doctor.files import is_local
+    from chat_doctor.gguf_export import export_gguf, log_export
+
+    cfg = load_config(args.params)
+    files = export_gguf(args.spec, args.gguf, cfg, tuple(args.types.split(",")), args.lora)
+    if not is_local(args.spec):
+        log_export(resolve(cfg.registry.model_name, args.spec).run_id, files)
+    print("\n".join(str(f) for f in files))
+    print(f"Ollama: ollama create chat-doctor -f {args.gguf / 'Modelfile'}")
 
 
 if __name__ == "__main__":

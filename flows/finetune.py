@@ -59,6 +59,7 @@ from chat_doctor.tracking import (
 )
 from tasks.eval_source import run_eval_source
 from tasks.evaluate import log_evaluation, run_evaluate
+from tasks.export import run_export
 from tasks.merge import run_merge
 from tasks.register import run_register
 from tasks.sample import run_sample
@@ -246,6 +247,11 @@ def register(cfg: Config, run_id: str, trained: dict, merged: dict, report: dict
     return registered
 
 
+@task(name="export")
+def export(cfg: Config) -> dict:
+    return run_export(cfg)
+
+
 def _summary(registered: dict, run_id: str) -> str:
     aliases = ", ".join(f"`{a}`" for a in registered["aliases"])
     return (
@@ -270,7 +276,10 @@ def finetune(overrides: dict[str, Any] | None = None, params_file: str = PARAMS_
     trained = train(cfg, tokenized, run_id)
     merged = merge(cfg, trained["adapter"], lineage)
     report = evaluate(cfg, tokenized, processed, merged, source, run_id)
-    return register(cfg, run_id, trained, merged, report, lineage)
+    registered = register(cfg, run_id, trained, merged, report, lineage)
+    if cfg.export.gguf:
+        export(cfg)
+    return registered
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -128,3 +128,20 @@ def test_bad_evaluate_and_registry_config_names_the_key(raw, message):
     with pytest.raises(ConfigError) as err:
         build_config(raw)
     assert message in str(err.value)
+
+
+def test_the_summary_names_each_metric_and_its_direction_once():
+    from chat_doctor.eval_report import markdown_summary
+
+    figures = {"loss": 2.0, "rougeL": 0.2}
+    report = {
+        "base_model": "tiny",
+        "gate_set": "eval_split",
+        "generation": {"repetition_penalty": 1.15, "max_new_tokens": 125},
+        "sets": {"eval_split": {"rows": 4, "generated": 2, "models": {"base": figures, "tuned": figures}}},
+    }
+    summary = markdown_summary(report, [])
+    assert summary.count("Greedy, repetition_penalty 1.15, max_new_tokens 125.") == 1
+    assert "loss: mean token cross-entropy of the reference answers (lower); " in summary
+    assert "rougeL: ROUGE-L F-measure against the reference (higher)" in summary
+    assert "words: answer length in words (reported)." in summary

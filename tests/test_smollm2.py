@@ -111,3 +111,26 @@ def test_the_demo_preset_runs_the_flow_on_the_real_model(project, prefect_server
         assert not any(t in answer for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "assistant\n")), answer
         words = answer.lower().split()
         assert len(words) >= 5 and {"the", "you", "your", "a", "to", "is"} & set(words), answer
+
+    # The demo's champion taken home: GGUF files that transformers loads back with the merged
+    # model's logits and a chat template that gives the training prompt (tests/test_gguf_export.py
+    # does the same on the tiny model in `make test`).
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chat_doctor.gguf_export import export_gguf
+    from tests.test_gguf_export import TOLERANCE
+
+    files = export_gguf("candidate", project / "out", load_config("params.yaml"), tuple(TOLERANCE))
+    merged = AutoModelForCausalLM.from_pretrained(next(Path("runs").glob("run-*/merged")), dtype=torch.float32)
+    prompt = build_prompt("chatml", QUERY)
+    ids = AutoTokenizer.from_pretrained(merged.name_or_path)(prompt, return_tensors="pt")["input_ids"]
+    for path, tolerance in zip(files, TOLERANCE.values(), strict=False):
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        assert tokenizer(prompt)["input_ids"] == ids[0].tolist()
+        messages = [{"role": "user", "content": QUERY}]
+        assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == prompt
+        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        with torch.no_grad():
+            expected, got = merged(ids).logits, loaded(ids).logits
+        assert float((got - expected).norm() / expected.norm()) < tolerance, path.name

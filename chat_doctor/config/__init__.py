@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from chat_doctor.config.after_training import ChatConfig, EvaluateConfig, MergeConfig, RegisterConfig
+from chat_doctor.config.after_training import ChatConfig, EvaluateConfig, ExportConfig, MergeConfig, RegisterConfig
 from chat_doctor.config.common import (
     EMBEDDED,
     PARAMS_FILE,
@@ -48,6 +48,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "EvaluateConfig",
+    "ExportConfig",
     "LoraConfig",
     "MergeConfig",
     "ModelConfig",
@@ -83,6 +84,7 @@ class Config(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegisterConfig = RegisterConfig()
     chat: ChatConfig = ChatConfig()
+    export: ExportConfig = ExportConfig()
 
     @model_validator(mode="after")
     def _sections_fit_together(self) -> Config:

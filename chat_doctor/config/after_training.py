@@ -1,4 +1,4 @@
-"""Sections `merge`, `evaluate`, `registry` and `chat`: what happens to an adapter once trained."""
+"""Sections `merge`, `evaluate`, `registry`, `chat` and `export`: what happens to an adapter once trained."""
 
 from __future__ import annotations
 
@@ -86,3 +86,25 @@ class ChatConfig(Section):
     repetition_penalty: float = Field(1.15, ge=1.0, le=2.0, description="The original's setting.")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy (the original); above 0 samples.")
     top_p: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling, used when temperature > 0.")
+
+
+class ExportConfig(Section):
+    gguf: bool = Field(
+        False,
+        description="After registering, export the champion as GGUF with an Ollama Modelfile (the export "
+        "step; `chat-doctor-models export SPEC --gguf DIR` does the same by hand). Merges in host memory: "
+        "7B takes ~30 GB of RAM and ~15 GB of disk per f16 file.",
+    )
+    types: list[Literal["f16", "bf16", "q8_0", "f32"]] = Field(
+        ["f16", "q8_0"], min_length=1, description="GGUF files written; the Modelfile uses the last one."
+    )
+    lora: bool = Field(False, description="Also write the adapter alone as a GGUF LoRA (llama.cpp --lora).")
+    dir: str = Field("runs/export", description="Where the files go (inside runs/, like every output).")
+
+    @field_validator("dir")
+    @classmethod
+    def _inside_runs(cls, value: str) -> str:
+        parts = Path(value).parts
+        if Path(value).is_absolute() or ".." in parts or not parts or parts[0] != "runs":
+            raise ValueError("outputs stay in the project's runs/ folder: use runs/<name>")
+        return value
