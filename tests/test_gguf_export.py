@@ -8,7 +8,7 @@ from pathlib import Path
 import jinja2
 import pytest
 
-from chat_doctor.gguf_export import ExportError, chat_template, export_gguf, ollama_template
+from chat_doctor.gguf_export import ExportError, chat_template, ollama_template
 from chat_doctor.prompts import TEMPLATES, build_prompt
 
 QUERY = "I have had a sore throat for two days. Should I worry?"
@@ -29,50 +29,48 @@ def test_the_modelfile_and_gguf_templates_give_the_training_prompt(template):
 
 
 def test_unknown_types_fail_before_anything_loads(tmp_path):
-    from chat_doctor.config import build_config
+    from chat_doctor.registry import main as models_cli
 
     with pytest.raises(ExportError, match=r"--types q4_k_m: choose from f16, bf16, q8_0, f32"):
-        export_gguf("champion", tmp_path, build_config({}), ("q4_k_m",))
+        models_cli(["export", "champion", "--gguf", str(tmp_path / "out"), "--types", "q4_k_m"])
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow
-def test_the_champion_exported_loads_back_with_the_merged_models_logits(shared, tmp_path):
+def test_the_champion_exported_loads_back_with_the_merged_models_logits(shared):
+    """The export step as the flow runs it (export.gguf), on the shared run's champion (tiny Mistral)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from chat_doctor.config import load_config
     from chat_doctor.registry import aliased_version
-    from chat_doctor.registry import main as models_cli
     from chat_doctor.tracking import client
+    from tasks.export import run_export
 
-    out = tmp_path / "out"
-    models_cli(["export", "champion", "--gguf", str(out)])
+    out, stem = Path("runs/export-test"), "chat-doctor-adapter-v1-champion"
     champion = aliased_version("chat-doctor-adapter", "champion")
-    names = sorted(p.name for p in out.iterdir())
-    assert names == [
-        "Modelfile",
-        "chat-doctor-adapter-v1-champion-f16.gguf",
-        "chat-doctor-adapter-v1-champion-q8_0.gguf",
-    ]
+    cfg = load_config("params.yaml", {"export.gguf": True, "export.dir": str(out)})
     try:
-        logged = sorted(Path(a.path).name for a in client().list_artifacts(champion.run_id, "gguf"))
-        assert logged == names
+        exported = run_export(cfg)
+        names = ["Modelfile", f"{stem}-f16.gguf", f"{stem}-q8_0.gguf"]
+        assert sorted(Path(f).name for f in exported["files"]) == names
+        assert sorted(p.name for p in out.iterdir()) == names  # no partial file left
+        assert sorted(Path(a.path).name for a in client().list_artifacts(champion.run_id, "gguf")) == names
+
+        modelfile = (out / "Modelfile").read_text()
+        assert f"FROM ./{stem}-q8_0.gguf" in modelfile
+        assert 'PARAMETER stop "</s>"' in modelfile and "not medical advice" in modelfile
+        assert f'TEMPLATE """{ollama_template(cfg.tokenize.template)}"""' in modelfile
+
+        merged = AutoModelForCausalLM.from_pretrained(shared.run_dir / "merged", dtype=torch.float32)
+        ids = torch.tensor([[1, *range(100, 140)]])
+        with torch.no_grad():
+            expected = merged(ids).logits
+            for kind, tolerance in TOLERANCE.items():
+                loaded = AutoModelForCausalLM.from_pretrained(out, gguf_file=f"{stem}-{kind}.gguf", dtype=torch.float32)
+                got = loaded(ids).logits
+                assert float((got - expected).norm() / expected.norm()) < tolerance, kind
     finally:  # the shared project is only read by the other tests
-        shutil.rmtree(Path(client().get_run(champion.run_id).info.artifact_uri.removeprefix("file://")) / "gguf")
-
-    modelfile = (out / "Modelfile").read_text()
-    assert "FROM ./chat-doctor-adapter-v1-champion-q8_0.gguf" in modelfile
-    assert 'PARAMETER stop "</s>"' in modelfile and "not medical advice" in modelfile
-    cfg = load_config("params.yaml")
-    assert f'TEMPLATE """{ollama_template(cfg.tokenize.template)}"""' in modelfile
-
-    merged = AutoModelForCausalLM.from_pretrained(shared.run_dir / "merged", dtype=torch.float32)
-    ids = torch.tensor([[1, *range(100, 140)]])
-    with torch.no_grad():
-        expected = merged(ids).logits
-        for kind, tolerance in TOLERANCE.items():
-            name = f"chat-doctor-adapter-v1-champion-{kind}.gguf"
-            loaded = AutoModelForCausalLM.from_pretrained(out, gguf_file=name, dtype=torch.float32)
-            got = loaded(ids).logits
-            assert float((got - expected).norm() / expected.norm()) < tolerance, kind
+        shutil.rmtree(out, ignore_errors=True)
+        artifacts = Path(client().get_run(champion.run_id).info.artifact_uri.removeprefix("file://"))
+        shutil.rmtree(artifacts / "gguf", ignore_errors=True)
