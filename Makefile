@@ -51,7 +51,7 @@ demo: $(INSTALLED) server serve
 $(CHROMIUM):
 	$(SUDO) apt-get install -y -q chromium || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
 
-# `make test`: lint and every test but the `full` tier (about 9 minutes on 2 cores with the set-up: 8:52 at the issue-22 commit);
+# `make test`: lint and every test but the `full` tier (about 9 minutes on 2 cores with the set-up);
 # `make test-all` adds that tier (each of its tests proves again, another way, what one in make test does).
 test: $(INSTALLED) $(CHROMIUM)
 	$(BIN)/ruff check .
