@@ -43,7 +43,9 @@ def versions_of_run(name: str, run_id: str) -> list:
 
 
 def figure_tags(model: str, figures: dict[str, float]) -> dict[str, str]:
-    return {f"eval.{model}.{metric}": f"{figures[metric]:.6g}" for metric in METRICS if metric in figures}
+    # Full precision (repr): a champion's figures read back from its tags must compare equal to the
+    # same figures computed again, or a retrained copy of the champion would "beat" it by rounding.
+    return {f"eval.{model}.{metric}": repr(float(figures[metric])) for metric in METRICS if metric in figures}
 
 
 def figures_from_tags(tags: dict[str, str], model: str = "tuned") -> dict[str, float]:

@@ -145,3 +145,15 @@ def test_the_summary_names_each_metric_and_its_direction_once():
     assert "loss: mean token cross-entropy of the reference answers (lower); " in summary
     assert "rougeL: ROUGE-L F-measure against the reference (higher)" in summary
     assert "words: answer length in words (reported)." in summary
+
+
+def test_a_copy_of_the_champion_does_not_beat_it_through_its_tags():
+    """The champion's figures come back from its registry tags; the same figures computed again
+    (the same adapter evaluated on the same rows) must not count as an improvement."""
+    from chat_doctor.registry import decide_promotion, figure_tags, figures_from_tags
+
+    figures = {"loss": 2.7532140016555786, "rougeL": 0.12034}
+    champion = figures_from_tags(figure_tags("tuned", figures))
+    assert champion == figures
+    promote, reason = decide_promotion("loss", figures, {"loss": 2.997}, champion, 1)
+    assert not promote and reason.startswith("loss 2.753 does not beat champion v1's 2.753")
