@@ -108,6 +108,7 @@ class Source:
     base: str  # the base config value (embedded name, hub id or folder)
     base_folder: str  # where its config and tokenizer are
     adapter: Path | None  # None for a merged folder
+    eos: str  # the token that ends an answer (Ollama's stop)
 
 
 def _merged_source(spec: str, cfg: Config, work: Path) -> Source:
@@ -115,15 +116,15 @@ def _merged_source(spec: str, cfg: Config, work: Path) -> Source:
     from chat_doctor.modeling import base_location, load_adapter, load_base_model, load_tokenizer
 
     model_cfg, adapter, template, _, label = locate(spec, cfg, work / "download", key="export")
-    if adapter is None:  # a merged folder already
-        return Source(Path(model_cfg.base), template, label, model_cfg.base, model_cfg.base, None)
-    has_tokenizer = (adapter / "tokenizer_config.json").is_file()
+    has_tokenizer = adapter is not None and (adapter / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(model_cfg, str(adapter) if has_tokenizer else None)
+    if adapter is None:  # a merged folder already
+        return Source(Path(model_cfg.base), template, label, model_cfg.base, model_cfg.base, None, tokenizer.eos_token)
     model = load_adapter(load_base_model(model_cfg, quantized=False, dtype_name="float32", on_cpu=True), adapter)
     merged = work / "merged"
     model.merge_and_unload().save_pretrained(merged, safe_serialization=True)
     tokenizer.save_pretrained(merged)
-    return Source(merged, template, label, model_cfg.base, base_location(model_cfg), adapter)
+    return Source(merged, template, label, model_cfg.base, base_location(model_cfg), adapter, tokenizer.eos_token)
 
 
 def _convert_to(path: Path, script: str, args: list[str]) -> Path:
@@ -140,8 +141,6 @@ def _convert_to(path: Path, script: str, args: list[str]) -> Path:
 def export_gguf(spec: str, out: Path, cfg: Config, types: tuple[str, ...] = ("f16", "q8_0"), lora: bool = False):
     """Write `<name>-<type>.gguf` for each type into `out`, a Modelfile on the last one, and (with
     `lora`) the adapter alone as GGUF; returns the files written. Bad types fail before anything loads."""
-    from transformers import AutoTokenizer
-
     from chat_doctor.embedded import LICENCE
     from chat_doctor.model_card import DISCLAIMER
 
@@ -157,7 +156,6 @@ def export_gguf(spec: str, out: Path, cfg: Config, types: tuple[str, ...] = ("f1
         shutil.copytree(source.merged, staged)
         # The tokenizer's own chat template may differ from the prompt the model was trained on.
         (staged / "chat_template.jinja").write_text(chat_template(source.template))
-        eos = AutoTokenizer.from_pretrained(staged).eos_token
         name = re.sub(r"[^\w.-]+", "-", Path(source.label).name if is_local(spec) else source.label).strip("-")
         written = [
             _convert_to(out / f"{name}-{kind}.gguf", CONVERT, [str(staged), "--outtype", kind]) for kind in types
@@ -166,7 +164,7 @@ def export_gguf(spec: str, out: Path, cfg: Config, types: tuple[str, ...] = ("f1
             args = [str(source.adapter), "--base", source.base_folder, "--outtype", "f16"]
             written.append(_convert_to(out / f"{name}-lora-f16.gguf", CONVERT_LORA, args))
         licence = f"Fine-tuned from {source.base}; its licence: {LICENCE.get(source.base, 'see the base model')}."
-        text = modelfile(written[len(types) - 1].name, source.template, eos, cfg, licence, DISCLAIMER)
+        text = modelfile(written[len(types) - 1].name, source.template, source.eos, cfg, licence, DISCLAIMER)
         written.append(out / "Modelfile")
         write_text(written[-1], text)
     return written

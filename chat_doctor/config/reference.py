@@ -49,10 +49,11 @@ def render() -> str:
         "| key | type | default | effect |",
         "| --- | --- | --- | --- |",
     ]
+    by_section = sections()
     for name, field in Config.model_fields.items():
-        if name not in sections():
+        if name not in by_section:
             out.append(f"| `{name}` | {type_name(field.annotation)} | {_value(field.default)} | {field.description} |")
-    for section, model in sections().items():
+    for section, model in by_section.items():
         out += [f"\n## `{section}`\n", "| key | type | default | effect |", "| --- | --- | --- | --- |"]
         defaults = model().model_dump()
         for key, field in model.model_fields.items():
