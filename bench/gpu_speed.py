@@ -15,8 +15,9 @@ recipes, 4x for the notebook (4 rows a step), half for the bin recipes and 2x fo
 At the default 25 timed steps the whole list is long; it can run in two parts, e.g. the notebook,
 plain, fast, unsloth and lean, then the levers (--recipes plain,+bf16,+liger,-ckpt,fast-rows).
 It prints a table with ratios to `original` and to `unsloth`; --record appends it, with card,
-versions, date and command, to bench/RESULTS.md. `--generate` adds batched generation speed of
-the 4-bit base + adapter against the merged bf16 model.
+versions, date and command, to bench/RESULTS.md. `--generate` adds the evaluate step's generation
+speed on the merged bf16 model at several batch sizes; `--generation --gen-preset smollm2-135m`
+runs that part alone (also on a CPU, on the demo's real model) to see how batching changes answers.
 
 --rows takes a `save_to_disk` folder, a .json array or a .jsonl file of {instruction, input, output}.
 """
@@ -77,12 +78,18 @@ RECIPES: dict[str, dict] = {
     "fast+compile": {"kind": "ours", "preset": "mistral-7b", "set": {"train.kernels": "none", "train.compile": True},
                      "bins": True, "reference": "fast",
                      "what": "fast with each decoder layer torch.compile'd instead of liger's kernels (train.compile)"},
+    "fast+compile+loss": {"kind": "ours", "preset": "mistral-7b", "bins": True, "reference": "fast",
+                          "set": {"train.kernels": "liger-loss", "train.compile": True},
+                          "what": "fast+compile, keeping liger's fused lm_head + loss (train.kernels: liger-loss)"},
     "fast+compile-again": {"kind": "ours", "preset": "mistral-7b", "bins": True, "reference": "fast",
                            "set": {"train.kernels": "none", "train.compile": True},
                            "what": "fast+compile once more: the inductor part of the compile comes from its cache"},
     "lean": {"kind": "ours", "preset": "mistral-7b-lean", "set": {}, "bins": True, "reference": "fast",
              "what": "preset mistral-7b-lean: fast's micro-batches, recomputing each layer from its input "
              "kept in CPU memory, paged 8-bit AdamW"},
+    "lean+compile": {"kind": "ours", "preset": "mistral-7b-lean", "bins": True, "reference": "fast",
+                     "set": {"train.kernels": "liger-loss", "train.compile": True},
+                     "what": "lean with compiled decoder layers and liger's fused lm_head + loss only"},
     "lean-gpu": {"kind": "ours", "preset": "mistral-7b-lean", "bins": True, "reference": "fast",
                  "set": {"train.checkpoint_offload": False},
                  "what": "lean with the checkpointed layer inputs kept on the GPU"},
@@ -214,30 +221,35 @@ def run_one(args) -> None:
 def generation_speed(args) -> None:
     """Child process: the evaluate step's own generation (tasks/evaluate.py generate_answers, greedy,
     repetition penalty 1.15, up to 125 new tokens, prompts batched by length) of --gen-rows real
-    prompts with the merged bf16 model, at each of --gen-batches; each set of answers is compared
-    with the first's."""
+    prompts at each of --gen-batches, with the bf16 model (--adapter merged into it when given); each
+    set of answers is compared with the first's. On a CPU too (--gen-preset smollm2-135m: a real model)."""
     import torch
 
     from bench.speed_probe import emit
-    from chat_doctor.config import ModelConfig, build_config
+    from chat_doctor.config import build_config
     from chat_doctor.modeling import load_adapter, load_base_model, load_tokenizer
     from chat_doctor.prompts import build_prompt
     from tasks.evaluate import generate_answers
 
-    cfg = build_config({"preset": "mistral-7b", "model": {"base": args.model}})
-    tokenizer = load_tokenizer(ModelConfig(base=args.model))
+    cuda = torch.cuda.is_available()
+    cfg = build_config({"preset": args.gen_preset, **({"model": {"base": args.model}} if args.model else {})})
+    tokenizer = load_tokenizer(cfg.model)
     rows = read_rows(args.rows)
-    prompts = [build_prompt("original", rows[i % len(rows)]["input"]) for i in range(args.gen_rows)]
-    model = load_adapter(load_base_model(cfg.model, quantized=False, dtype_name="bfloat16"), args.adapter)
-    model = model.merge_and_unload().eval()
+    prompts = [build_prompt(cfg.tokenize.template, rows[i % len(rows)]["input"]) for i in range(args.gen_rows)]
+    model = load_base_model(cfg.model, quantized=False, dtype_name=args.gen_dtype)
+    if args.adapter:
+        model = load_adapter(model, args.adapter).merge_and_unload()
+    model = model.eval()
     generate_answers(model, tokenizer, prompts[:8], cfg, 8)  # warm-up
     figures, baseline = {}, None
     for batch in args.gen_batches:
-        torch.cuda.reset_peak_memory_stats()
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.synchronize()
         start = time.perf_counter()
         answers = generate_answers(model, tokenizer, prompts, cfg, batch)
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         texts = [a["answer"] for a in answers]
         baseline = baseline or texts
@@ -245,10 +257,37 @@ def generation_speed(args) -> None:
             "seconds": round(seconds, 1),
             "new_tokens_per_s": round(sum(a["new_tokens"] for a in answers) / seconds, 1),
             "same_answers_as_first": round(sum(a == b for a, b in zip(texts, baseline, strict=True)) / len(texts), 3),
-            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "shared_words_with_first": round(_shared_prefix_share(texts, baseline), 3),
+            "stopped": round(sum(a["stopped"] for a in answers) / len(answers), 3),
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         }
         print(json.dumps({f"batch {batch}": figures[f"batch {batch}"]}), flush=True)
-    emit({"rows": len(prompts), "forms": figures})
+    emit({"rows": len(prompts), "model": str(cfg.model.base), "forms": figures})
+
+
+def generation_table(gen: dict) -> str:
+    lines = [
+        f"| evaluate-step generation, {gen['model']} bf16, {gen['rows']} real prompts | seconds | new tokens/s "
+        "| same answers as the first | words shared with the first | stopped | peak GiB |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, v in gen["forms"].items():
+        peak = f"{v['peak_gib']:.1f}" if v.get("peak_gib") is not None else "-"
+        lines.append(
+            f"| {name} | {v['seconds']:.1f} | {v['new_tokens_per_s']:,.0f} | {v['same_answers_as_first']:.1%} "
+            f"| {v['shared_words_with_first']:.1%} | {v['stopped']:.1%} | {peak} |"
+        )
+    return "\n".join(lines)
+
+
+def _shared_prefix_share(texts: list[str], baseline: list[str]) -> float:
+    """Of the baseline's words, the share that each answer repeats before it first differs."""
+    shared = total = 0
+    for text, base in zip(texts, baseline, strict=True):
+        a, b = text.split(), base.split()
+        same = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+        shared, total = shared + same, total + max(len(b), 1)
+    return shared / total
 
 
 def _child(cmd: list[str], env: dict, timeout: int, log: Path) -> dict:
@@ -361,6 +400,8 @@ def main() -> None:
     parser.add_argument("--generate", action="store_true", help="also time generation, 4-bit + adapter vs merged")
     parser.add_argument("--gen-rows", type=int, default=500, help="answers per setting (the evaluate step's 500)")
     parser.add_argument("--gen-batches", type=lambda v: [int(x) for x in v.split(",")], default=[16, 64, 128])
+    parser.add_argument("--gen-dtype", default="bfloat16", help="the model's dtype (the evaluate step: bfloat16)")
+    parser.add_argument("--gen-preset", default="mistral-7b", help="whose template and evaluate settings")
     parser.add_argument("--work", type=Path, default=Path("/tmp/chat-doctor-speed"))
     parser.add_argument("--logs", type=Path, default=None, help="folder for each child's full log")
     parser.add_argument("--timeout", type=int, default=240, help="seconds per recipe")
@@ -403,7 +444,7 @@ def main() -> None:
         else:
             extra = ["--save-adapter", str(adapter)] if name == "fast" else []
             cmd = [sys.executable, str(Path(__file__).resolve()), "--run", name, *common, *extra]
-        results[name] = _child(cmd, env, args.timeout, logs / f"{name}.log")
+        results[name] = _child(cmd, env, args.timeout, logs / f"{name.replace('+', '_plus_')}.log")
         print(f"{name}: {json.dumps(results[name])}", flush=True)
         (args.work / "results.json").write_text(json.dumps({"data": data, "results": results}))
     verdicts = checks(results)
@@ -414,15 +455,7 @@ def main() -> None:
         gen = _child(cmd, dict(os.environ), 2 * args.timeout, logs / "generate.log")
         print(f"generate: {json.dumps(gen)}", flush=True)
         if "error" not in gen:
-            report += (
-                f"\n\n| evaluate-step generation, merged bf16, {gen['rows']} real prompts | seconds | new tokens/s "
-                "| same answers as the first | peak GiB |\n| --- | --- | --- | --- | --- |\n"
-            )
-            report += "\n".join(
-                f"| {k} | {v['seconds']:.1f} | {v['new_tokens_per_s']:,.0f} | {v['same_answers_as_first']:.1%} "
-                f"| {v['peak_gib']:.1f} |"
-                for k, v in gen["forms"].items()
-            )
+            report += "\n\n" + generation_table(gen)
     print(report)
     (args.work / "results.json").write_text(json.dumps({"data": data, "results": results, "checks": verdicts}))
     if args.record:

@@ -24,8 +24,8 @@ def check_device(cfg: Config) -> None:
 
     t = cfg.train
     if not torch.cuda.is_available():
-        if t.kernels == "liger":
-            raise ConfigError("train.kernels = liger needs a CUDA GPU; on a CPU set train.kernels: none")
+        if t.kernels != "none":
+            raise ConfigError(f"train.kernels = {t.kernels} needs a CUDA GPU; on a CPU set train.kernels: none")
         if t.attention == VARLEN:
             raise ConfigError("train.attention = varlen needs a CUDA GPU; on a CPU set train.attention: sdpa")
         return
@@ -38,12 +38,12 @@ def check_device(cfg: Config) -> None:
         )
     if cfg.model.compute_dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
         problems.append("model.compute_dtype = bfloat16: this GPU has no bf16; set model.compute_dtype: auto (fp16)")
-    if t.kernels == "liger":
+    if t.kernels != "none":
         try:
             import liger_kernel  # noqa: F401
         except ImportError:
             problems.append(
-                "train.kernels = liger needs the liger-kernel package: `make venv EXTRAS=dev,gpu`, or set "
+                f"train.kernels = {t.kernels} needs the liger-kernel package: `make venv EXTRAS=dev,gpu`, or set "
                 "train.kernels: none"
             )
     if problems:

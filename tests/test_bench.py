@@ -31,3 +31,16 @@ def test_gpu_speed_checks_say_what_they_compared():
     assert broken["lean"].startswith("FAILED: a grad norm is 0; loss did not fall (2.0 -> 3.0); loss differs from fast")
     short = checks({"plain": {"losses": [2.0, 1.0], "grad_norms": [1.0, 1.0], "timed_steps": 6, "timed_tokens": 9}})
     assert short["plain"].startswith("FAILED: only 6 timed steps, 9 tokens")
+
+
+def test_generation_figures_count_words_shared_before_the_first_difference():
+    from bench.gpu_speed import _shared_prefix_share, generation_table
+
+    baseline = ["take rest and fluids", "see a doctor"]
+    # first: 2 of 4 words before "water"; second: identical (3 of 3)
+    assert _shared_prefix_share(["take rest with water", "see a doctor"], baseline) == 5 / 7
+    assert _shared_prefix_share(baseline, baseline) == 1.0
+    figures = {"seconds": 40.7, "new_tokens_per_s": 1536.2, "same_answers_as_first": 0.5,
+               "shared_words_with_first": 5 / 7, "stopped": 0.0, "peak_gib": None}  # fmt: skip
+    table = generation_table({"model": "smollm2-135m", "rows": 2, "forms": {"batch 1": figures}})
+    assert table.splitlines()[2] == "| batch 1 | 40.7 | 1,536 | 50.0% | 71.4% | 0.0% | - |"

@@ -147,6 +147,10 @@ def test_overrides_parse_as_yaml_and_win():
         ({"train.gpus": 0}, "`train.gpus` = 0: must be auto or at least 1"),
         ({"train.nnodes": 2, "train.node_rank": 2}, "`train.node_rank` = 2: must be below train.nnodes = 2"),
         ({"train.kernels": "apex"}, "`train.kernels` = 'apex'"),
+        (
+            {"train.kernels": "liger", "train.compile": True},
+            "train.compile needs train.kernels: none or liger-loss (torch.compile rejects liger's layer kernels)",
+        ),
     ],
 )
 def test_bad_values_name_the_key(override, expected):
@@ -164,6 +168,15 @@ def test_malformed_cli_override():
 def test_missing_params_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "params.yaml")
+
+
+def test_compiled_layers_keep_liger_fused_loss_only():
+    """liger-loss goes with train.compile, and asks liger for its lm_head + loss kernel alone."""
+    from chat_doctor.trainer import LIGER_LOSS_ONLY
+
+    cfg = build_config({"preset": "mistral-7b", "train": {"kernels": "liger-loss", "compile": True}})
+    assert (cfg.train.kernels, cfg.train.compile) == ("liger-loss", True)
+    assert [k for k, on in LIGER_LOSS_ONLY.items() if on] == ["fused_linear_cross_entropy"]
 
 
 def test_presets_are_valid():

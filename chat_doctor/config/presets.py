@@ -25,7 +25,7 @@ _MISTRAL_7B = {
     "model": {"base": "mistralai/Mistral-7B-v0.1"},
     "data": {"source": "lavita/ChatDoctor-HealthCareMagic-100k", "rows": 5000},
     "tokenize": {"max_length": 512},
-    # 128 answers a batch on the merged bf16 model: 500 answers in ~30 s on an H200 (batch 16: ~290 s).
+    # 128 answers a batch on the merged bf16 model: 500 answers in 40.7 s on an H200 at worst (bench/RESULTS.md).
     "evaluate": {"batch_size": 128, "rows": 500},
 }
 _FAST = {
@@ -44,8 +44,9 @@ _FAST = {
         "optim": "adamw_torch_fused",
         "gradient_checkpointing": False,
         "upcast_layers": False,
-        # train.compile (no liger) runs 1.12x the tokens/s, but tracing and compiling cost ~60 s a run:
-        # it pays only past ~10M tokens (one epoch of 4,500 rows is 1.2M), so it stays off here.
+        # train.compile with kernels: liger-loss runs 1.17x the tokens/s, but its first step spends
+        # ~47 s tracing and compiling: it pays past ~4.5M tokens (one epoch of 4,500 rows is 1.2M),
+        # so it stays off here (bench/RESULTS.md).
         "kernels": "liger",
         "attention": "varlen",
         "packing": True,
@@ -75,9 +76,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "mistral-7b": deep_merge(_MISTRAL_7B, _FAST),
     # Least GPU memory, for a 16 GiB card: the fast recipe on the same micro-batches, recomputing
-    # each layer in the backward pass from its input, which waits in CPU memory (5.5 GiB at 1.08x
-    # unsloth; kept on the GPU: 6.9 GiB; 2 bins a micro-batch: 5.6 GiB at 0.66x unsloth,
-    # launch-bound). The bf16 base (14.5 GB) is merged in host memory and evaluation runs on the
+    # each layer in the backward pass from its input, which waits in CPU memory, copied there on a
+    # side stream (5.5 GiB at 0.79x unsloth's offloaded checkpointing; kept on the GPU: 6.9 GiB,
+    # 8% faster). The bf16 base (14.5 GB) is merged in host memory and evaluation runs on the
     # 4-bit base, so no step needs more GPU memory than training.
     "mistral-7b-lean": deep_merge(
         deep_merge(_MISTRAL_7B, _FAST),
