@@ -44,3 +44,45 @@ def test_generation_figures_count_words_shared_before_the_first_difference():
                "shared_words_with_first": 5 / 7, "stopped": 0.0, "peak_gib": None}  # fmt: skip
     table = generation_table({"model": "smollm2-135m", "rows": 2, "forms": {"batch 1": figures}})
     assert table.splitlines()[2] == "| batch 1 | 40.7 | 1,536 | 50.0% | 71.4% | 0.0% | - |"
+
+
+def test_gpu_scaling_checks_hold_each_case_to_one_gpu_and_its_goal():
+    from bench.gpu_scaling import scaling_checks
+
+    losses = [2.0 - 0.05 * i for i in range(22)]
+    one = {"tokens_per_s": 10_000, "tokens_per_s_mean": 10_000, "timed_steps": 20, "losses": losses,
+           "kind": "ddp", "processes": 1}  # fmt: skip
+    verdicts = scaling_checks(
+        {
+            "1-gpu": one,
+            "2-gpu": {**one, "tokens_per_s": 19_500, "processes": 2, "losses": [x * 1.001 for x in losses]},
+            "4-gpu": {**one, "tokens_per_s": 36_000, "processes": 4},
+            "2 nodes x 2 GPUs": {
+                **one,
+                "tokens_per_s": 37_000,
+                "processes": 4,
+                "kind": "nodes",
+                "losses": [x * 1.05 for x in losses],
+            },
+            "fsdp 2 GPUs": {
+                **one,
+                "tokens_per_s": 8_000,
+                "processes": 2,
+                "kind": "fsdp",
+                "adapter_check": "adapter does not load: boom",
+            },
+        }
+    )
+    assert verdicts["1-gpu"] == "ok: 22 steps train"
+    assert verdicts["2-gpu"] == "ok: loss within 0.10% of 1 GPU step by step, 1.95x 1 GPU (goal 1.9x)"
+    assert verdicts["4-gpu"] == (
+        "FAILED: 3.60x 1 GPU, below the goal 3.8x "
+        "(compared: loss within 0.00% of 1 GPU step by step, 3.60x 1 GPU (goal 3.8x))"
+    )
+    assert verdicts["2 nodes x 2 GPUs"].startswith("FAILED: loss differs from 1 GPU's by 5.0% (compared:")
+    assert verdicts["fsdp 2 GPUs"].startswith("FAILED: adapter does not load: boom")
+    # Without a one-GPU case nothing can be said about speed-up or loss: a failure, not an "ok".
+    alone = scaling_checks({"2-gpu": {**one, "processes": 2}})
+    assert alone["2-gpu"] == (
+        "FAILED: no 1-GPU losses of the same steps to compare with; no 1-GPU figure in this run; compared with nothing"
+    )
