@@ -280,20 +280,15 @@ def main() -> None:
     (args.work / "scaling.json").write_text(json.dumps({"results": results, "checks": verdicts, "when": started}))
     (args.work / "scaling.md").write_text(report + "\n")
     if args.record:
-        from bench.gpu_speed import versions
+        from bench.gpu_speed import command_line, record, versions
 
-        command = "python bench/gpu_scaling.py " + " ".join(
-            a if not a.startswith("/") else "<" + Path(a).name + ">" for a in sys.argv[1:]
-        )
-        entry = (
-            f"\n## Data-parallel scaling on HealthCareMagic rows ({started})\n\n"
-            f"- Card and versions: {versions()}\n- Command: `{command}`\n"
+        record(
+            args.work,
+            f"Data-parallel scaling on HealthCareMagic rows ({started})",
+            f"- Card and versions: {versions()}\n- Command: `{command_line('gpu_scaling.py')}`\n"
             f"- Data: {data['source_rows']:,} real rows cycled to {data['rows']:,} ({data['tokens']:,} tokens); "
-            f"{args.steps} optimizer steps a case, the first {args.warmup} not timed.\n\n{report}\n"
+            f"{args.steps} optimizer steps a case, the first {args.warmup} not timed.\n\n{report}\n",
         )
-        (args.work / "entry.md").write_text(entry)
-        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-            f.write(entry)
 
 
 def gpu_list(first: int, stop: int) -> str:

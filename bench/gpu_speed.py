@@ -459,22 +459,30 @@ def main() -> None:
     print(report)
     (args.work / "results.json").write_text(json.dumps({"data": data, "results": results, "checks": verdicts}))
     if args.record:
-        command = "python bench/gpu_speed.py " + " ".join(
-            a if not a.startswith("/") else "<" + Path(a).name + ">" for a in sys.argv[1:]
-        )
-        entry = (
-            f"\n## Training speed on one GPU: original recipe, plain, unsloth, our presets ({started})\n\n"
-            f"- Card and versions: {versions()}; "
-            f"peer: {versions(f'{args.peer_path}:{ROOT}') if args.peer_path else '-'}\n"
-            f"- Command: `{command}`\n"
+        peer = versions(f"{args.peer_path}:{ROOT}") if args.peer_path else "-"
+        record(
+            args.work,
+            f"Training speed on one GPU: original recipe, plain, unsloth, our presets ({started})",
+            f"- Card and versions: {versions()}; peer: {peer}\n- Command: `{command_line('gpu_speed.py')}`\n"
             f"- Data: {data['source_rows']:,} real rows cycled to {data['rows']:,} ({data['tokens']:,} tokens; "
             f"padding to 512 would add {data['padding_share']:.0%}); {args.warmup} warm-up steps, then "
             f"{args.steps} timed optimizer steps per recipe ({_timed_steps('original', args.steps)} of 4 rows "
-            f"for the notebook); tokens per step in the table.\n\n{report}\n"
+            f"for the notebook); tokens per step in the table.\n\n{report}\n",
         )
-        (args.work / "entry.md").write_text(entry)
-        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-            f.write(entry)
+
+
+def command_line(script: str) -> str:
+    """This command as RESULTS.md shows it: absolute paths by their last part only."""
+    shown = (a if not a.startswith("/") else "<" + Path(a).name + ">" for a in sys.argv[1:])
+    return f"python bench/{script} " + " ".join(shown)
+
+
+def record(work: Path, title: str, body: str) -> None:
+    """The entry into <work>/entry.md and at the end of bench/RESULTS.md."""
+    entry = f"\n## {title}\n\n{body}"
+    (work / "entry.md").write_text(entry)
+    with open(ROOT / "bench" / "RESULTS.md", "a") as f:
+        f.write(entry)
 
 
 if __name__ == "__main__":
