@@ -16,6 +16,7 @@ from transformers import (
     Trainer,
     TrainerCallback,
     TrainingArguments,
+    set_seed,
 )
 
 from chat_doctor.attention import VARLEN
@@ -163,6 +164,9 @@ def adapted_model(cfg: Config):
     if "lm_head" in cfg.lora.target_modules:
         extra = cfg.lora.r * (model.config.hidden_size + model.config.vocab_size)
         print(f"warning: lora.target_modules includes lm_head: +{extra:,} adapter parameters, slower steps")
+    # LoRA's A matrices start random, and the Trainer seeds only once it is built: seeded here, the
+    # same seed and data give the same adapter (unseeded, two runs' adapters differed everywhere).
+    set_seed(cfg.train.seed)
     model = get_peft_model(model, lora, autocast_adapter_dtype=cfg.lora.adapter_dtype == "float32")
     if cfg.lora.adapter_dtype == "compute":
         dtype = resolve_dtype(cfg.model.compute_dtype)

@@ -269,3 +269,22 @@ def test_profile_env_writes_where_two_training_steps_spend_their_time(project, m
     assert "== self_cpu_time_total (2 steps) ==" in table and "aten::mm" in table
     trace = json.loads(gzip.decompress((tmp_path / "profile" / "trace-rank0.json.gz").read_bytes()))
     assert any(event.get("name") == "aten::mm" for event in trace["traceEvents"])
+
+
+def test_the_same_seed_and_data_train_the_same_adapter(project, tmp_path):
+    """train.seed: same seed + data = same adapter, whatever the process drew before (LoRA's A
+    matrices start random); another seed gives another adapter."""
+    cfg = load_config("params.yaml", {"data.rows": 40, "lora.r": 4, "train.max_steps": 2, "train.save_steps": 2})
+    tokenized = run_tokenize(cfg.tokenize, cfg.model, run_sample(cfg.data))
+
+    def adapter(name: str, seed: int, noise: int) -> dict:
+        torch.manual_seed(noise)  # the global generator in another state before each run
+        torch.rand(noise)
+        run = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seed})})
+        out = train_in_process(run, tokenized, run_dir=tmp_path / name)
+        return load_file(Path(out["adapter"]) / "adapter_model.safetensors")
+
+    first, again, other = adapter("a", 42, 1), adapter("b", 42, 7), adapter("c", 43, 1)
+    assert first.keys() == again.keys() == other.keys()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
