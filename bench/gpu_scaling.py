@@ -56,12 +56,12 @@ def case_config(name: str, model: str, steps: int, extra: dict):
 
 def run_case(args) -> None:
     """Child: one case through run_train, as the flow's train step runs it."""
+    from bench.speed_probe import emit
     from tasks.train import run_train
 
     cfg = case_config(args.case, args.model, args.steps, json.loads(args.extra))
     tokenized = {"train": str(args.work / "train.arrow")}
-    out = run_train(cfg, tokenized)
-    print("RESULT " + json.dumps(out), flush=True)
+    emit(run_train(cfg, tokenized))
 
 
 # Goals of the scaling issue, as a share of n x one GPU's tokens/s: 2 GPUs 1.9x, 4 GPUs 3.8x, and two
@@ -72,17 +72,19 @@ MIN_TIMED_STEPS = 20
 
 
 def figures(output: str, warmup: int) -> dict:
+    from bench.speed_probe import last_result
+
     steps = [
         (int(m[1]), float(m[2]), float(m[3].replace(",", ""))) for m in map(PROGRESS.search, output.splitlines()) if m
     ]
     timed = [tps for step, _, tps in steps if step > warmup]
-    results = [json.loads(line[len("RESULT ") :]) for line in output.splitlines() if line.startswith("RESULT ")]
+    result = last_result(output) or {}
     return {
         "tokens_per_s": round(statistics.median(timed), 1) if timed else None,
         "tokens_per_s_mean": round(statistics.mean(timed), 1) if timed else None,
         "timed_steps": len(timed),
         "losses": [loss for _, loss, _ in steps],
-        "adapter": results[-1].get("adapter") if results else None,
+        "adapter": result.get("adapter"),
     }
 
 

@@ -262,13 +262,13 @@ def generation_speed(args) -> None:
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         }
         print(json.dumps({f"batch {batch}": figures[f"batch {batch}"]}), flush=True)
-    emit({"rows": len(prompts), "model": str(cfg.model.base), "forms": figures})
+    emit({"rows": len(prompts), "model": str(cfg.model.base), "dtype": args.gen_dtype, "forms": figures})
 
 
 def generation_table(gen: dict) -> str:
     lines = [
-        f"| evaluate-step generation, {gen['model']} bf16, {gen['rows']} real prompts | seconds | new tokens/s "
-        "| same answers as the first | words shared with the first | stopped | peak GiB |",
+        f"| evaluate-step generation, {gen['model']} {gen['dtype']}, {gen['rows']} real prompts | seconds "
+        "| new tokens/s | same answers as the first | words shared with the first | stopped | peak GiB |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, v in gen["forms"].items():
@@ -292,6 +292,8 @@ def _shared_prefix_share(texts: list[str], baseline: list[str]) -> float:
 
 def _child(cmd: list[str], env: dict, timeout: int, log: Path) -> dict:
     """Run a child, keep its log, return its RESULT line (or the error at its end)."""
+    from bench.speed_probe import last_result
+
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -299,9 +301,9 @@ def _child(cmd: list[str], env: dict, timeout: int, log: Path) -> dict:
     except subprocess.TimeoutExpired as err:
         output, code = f"{err.stdout or ''}{err.stderr or ''}\ntimed out after {timeout} s", -1
     log.write_text(output if isinstance(output, str) else output.decode(errors="replace"))
-    results = [line for line in output.splitlines() if line.startswith("RESULT ")]
-    if code == 0 and results:
-        return {**json.loads(results[-1][len("RESULT ") :]), "wall_s": round(time.perf_counter() - start, 1)}
+    result = last_result(output)
+    if code == 0 and result is not None:
+        return {**result, "wall_s": round(time.perf_counter() - start, 1)}
     return {"error": "\n".join(output.strip().splitlines()[-6:])}
 
 

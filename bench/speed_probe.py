@@ -75,6 +75,15 @@ class StepTimer(TrainerCallback):
         }
 
 
+RESULT = "RESULT "
+
+
 def emit(figures: dict) -> None:
-    """One line the parent process picks out of the child's output."""
-    print("RESULT " + json.dumps(figures), flush=True)
+    """One line the parent process picks out of the child's output (last_result)."""
+    print(RESULT + json.dumps(figures), flush=True)
+
+
+def last_result(output: str) -> dict | None:
+    """The figures of the child's last emit, or None."""
+    found = [line for line in output.splitlines() if line.startswith(RESULT)]
+    return json.loads(found[-1][len(RESULT) :]) if found else None

@@ -83,12 +83,16 @@ def locate(spec: str, cfg: Config, cache: Path, key: str = "chat.model") -> Loca
     return _from_registry(spec, cfg, cache)
 
 
+def located_tokenizer(model_cfg: ModelConfig, adapter: Path | None):
+    """The tokenizer saved beside the adapter if there is one (the registry keeps it elsewhere), else the base's."""
+    has_tokenizer = adapter is not None and (adapter / "tokenizer_config.json").is_file()
+    return load_tokenizer(model_cfg, str(adapter) if has_tokenizer else None)
+
+
 def load_chat_model(spec: str, cfg: Config, cache: Path) -> ChatModel:
     """`spec`: an alias or version of `registry.model_name`, or a local adapter or merged folder."""
     model_cfg, adapter, template, card, label = locate(spec, cfg, cache)
-    # The tokenizer saved beside the adapter if there is one (the registry keeps it elsewhere), else the base's.
-    has_tokenizer = adapter is not None and (adapter / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(model_cfg, str(adapter) if has_tokenizer else None)
+    tokenizer = located_tokenizer(model_cfg, adapter)
     model = load_base_model(model_cfg, quantized=_on_gpu())  # 4 bit as trained on a GPU; fp32 on a CPU
     if adapter is not None:
         model = load_adapter(model, adapter)

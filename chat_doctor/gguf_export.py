@@ -112,12 +112,11 @@ class Source:
 
 
 def _merged_source(spec: str, cfg: Config, work: Path) -> Source:
-    from chat_doctor.chat_model import locate
-    from chat_doctor.modeling import base_location, load_adapter, load_base_model, load_tokenizer
+    from chat_doctor.chat_model import locate, located_tokenizer
+    from chat_doctor.modeling import base_location, load_adapter, load_base_model
 
     model_cfg, adapter, template, _, label = locate(spec, cfg, work / "download", key="export")
-    has_tokenizer = adapter is not None and (adapter / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(model_cfg, str(adapter) if has_tokenizer else None)
+    tokenizer = located_tokenizer(model_cfg, adapter)
     if adapter is None:  # a merged folder already
         return Source(Path(model_cfg.base), template, label, model_cfg.base, model_cfg.base, None, tokenizer.eos_token)
     model = load_adapter(load_base_model(model_cfg, quantized=False, dtype_name="float32", on_cpu=True), adapter)

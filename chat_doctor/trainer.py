@@ -66,8 +66,8 @@ def training_args(cfg: Config, output_dir: Path):
         activation_checkpointing_kwargs={
             "use_reentrant": False,
             "every_n_layers": t.checkpoint_every_n_layers,
-            # On CUDA, HostCopiedCheckpoints offloads instead (a copy that does not stop the host).
-            "offload": t.checkpoint_offload and not on_cuda,
+            # transformers' offload where ours (HostCopiedCheckpoints) does not apply.
+            "offload": t.checkpoint_offload and not side_stream_offload(cfg),
         },
         use_liger_kernel=t.kernels != "none",
         # liger-loss: only the fused lm_head + loss, outside the (compilable) decoder layers.
@@ -114,10 +114,10 @@ class HostCopiedCheckpoints(TrainerCallback):
             raise RuntimeError("train.checkpoint_offload: no checkpointed layer found to offload")
 
 
-def offload_callbacks(cfg: Config) -> list:
+def side_stream_offload(cfg: Config) -> bool:
+    """train.checkpoint_offload done by HostCopiedCheckpoints: on CUDA, where the Trainer checkpoints."""
     t = cfg.train
-    on = t.gradient_checkpointing and t.checkpoint_offload and device() == "cuda" and not sharded(cfg)
-    return [HostCopiedCheckpoints()] if on else []
+    return t.gradient_checkpointing and t.checkpoint_offload and device() == "cuda" and not sharded(cfg)
 
 
 def fsdp_config(t) -> dict:
@@ -219,7 +219,8 @@ def build_trainer(cfg: Config, train_path: str, checkpoints: Path, extra_callbac
         "processing_class": tokenizer,
         "data_collator": collator(cfg, tokenizer),
     }
-    callbacks = [*extra_callbacks, *offload_callbacks(cfg), *profiler_callbacks()]
+    offload = [HostCopiedCheckpoints()] if side_stream_offload(cfg) else []
+    callbacks = [*extra_callbacks, *offload, *profiler_callbacks()]
     if not cfg.train.pack_length:
         return Trainer(**common, callbacks=callbacks)
     epochs = SamplerEpoch()

@@ -42,7 +42,7 @@ def test_generation_figures_count_words_shared_before_the_first_difference():
     assert _shared_prefix_share(baseline, baseline) == 1.0
     figures = {"seconds": 40.7, "new_tokens_per_s": 1536.2, "same_answers_as_first": 0.5,
                "shared_words_with_first": 5 / 7, "stopped": 0.0, "peak_gib": None}  # fmt: skip
-    table = generation_table({"model": "smollm2-135m", "rows": 2, "forms": {"batch 1": figures}})
+    table = generation_table({"model": "smollm2-135m", "dtype": "bfloat16", "rows": 2, "forms": {"batch 1": figures}})
     assert table.splitlines()[2] == "| batch 1 | 40.7 | 1,536 | 50.0% | 71.4% | 0.0% | - |"
 
 
