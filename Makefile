@@ -56,6 +56,8 @@ $(CHROMIUM):
 test: $(INSTALLED) $(CHROMIUM)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -m "not full" --durations=10
 
 test-all: $(INSTALLED) $(CHROMIUM)
@@ -65,9 +67,12 @@ test-all: $(INSTALLED) $(CHROMIUM)
 chat: $(INSTALLED)
 	$(BIN)/chat-doctor-chat $(if $(MODEL),--model $(MODEL))
 
+# ruff (style), mypy (types), import-linter (imports point down: the contracts in pyproject.toml).
 lint: $(INSTALLED)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 # A local Prefect server, started only if none answers at PREFECT_API_URL.
 server: $(INSTALLED)

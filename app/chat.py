@@ -15,9 +15,10 @@ import os
 import sys
 from pathlib import Path
 
-from chat_doctor.chat_model import ChatModel, InputTooLong, check_input, load_chat_model, stream_answer
-from chat_doctor.config import PARAMS_FILE, ChatConfig, load_config
-from chat_doctor.model_card import DISCLAIMER
+from chat_doctor.config import ChatConfig, load_config
+from chat_doctor.core.layout import PARAMS_FILE
+from chat_doctor.serving.chat_model import ChatModel, InputTooLong, check_input, load_chat_model, stream_answer
+from chat_doctor.tracking.model_card import DISCLAIMER
 
 CACHE = Path("runs") / "chat-cache"  # registry downloads
 AUTH_ENV = ("CHAT_DOCTOR_UI_USER", "CHAT_DOCTOR_UI_PASSWORD")
@@ -81,7 +82,7 @@ def _auth() -> tuple[str, str] | None:
     user, password = (os.environ.get(name) for name in AUTH_ENV)
     if bool(user) != bool(password):
         raise SystemExit(f"set both {AUTH_ENV[0]} and {AUTH_ENV[1]}, or neither")
-    return (user, password) if user else None
+    return (user, password) if user and password else None
 
 
 def terminal_chat(chat: ChatModel, cfg: ChatConfig, stdin=sys.stdin, stdout=sys.stdout) -> None:

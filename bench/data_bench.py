@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from chat_doctor.config import ModelConfig, TokenizeConfig, build_config
-from chat_doctor.synthetic import conditions, synthetic_row
+from chat_doctor.data.synthetic import conditions, synthetic_row
 from tasks.sample import run_sample
 from tasks.tokenize import run_tokenize
 
@@ -61,8 +61,8 @@ def main() -> None:
         sampled = time.perf_counter()
         tokenized = run_tokenize(TokenizeConfig(), ModelConfig(), processed, Path(tmp) / "tokenized")
         done = time.perf_counter()
-        report = json.loads(Path(processed["report"]).read_text())
-        tokens = json.loads(Path(tokenized["report"]).read_text())["splits"]
+        report = json.loads(processed.report.read_text())
+        tokens = json.loads(tokenized.report.read_text())["splits"]
         source_mb = round(source.stat().st_size / 2**20, 1)
     figures = {
         "source_rows": args.rows,

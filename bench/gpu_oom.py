@@ -74,15 +74,15 @@ def main() -> None:
             {
                 "attempt": attempt,
                 "outcome": "completed",
-                "resumed_from": result["resumed_from"],
+                "resumed_from": result.resumed_from,
                 "seconds": round(time.perf_counter() - start),
             }
         )
-        print(f"attempt {attempt}: completed, resumed from {result['resumed_from'] or 'the start'}", flush=True)
+        print(f"attempt {attempt}: completed, resumed from {result.resumed_from or 'the start'}", flush=True)
         break
-    run_dir = Path(result["run_dir"])
-    state = json.loads((run_dir / "checkpoints" / f"checkpoint-{args.steps}" / "trainer_state.json").read_text())
-    used = json.loads((run_dir / "attempt.json").read_text())["config"]["train"]
+    run = result.run
+    state = json.loads((run.checkpoints / f"checkpoint-{args.steps}" / "trainer_state.json").read_text())
+    used = json.loads(run.attempt.read_text())["config"]["train"]
     summary = {
         "attempts": attempts,
         "micro_batch_used": used["micro_batch_size"],

@@ -57,11 +57,12 @@ def case_config(name: str, model: str, steps: int, extra: dict):
 def run_case(args) -> None:
     """Child: one case through run_train, as the flow's train step runs it."""
     from bench.speed_probe import emit
+    from chat_doctor.core.records import Tokenized
     from tasks.train import run_train
 
     cfg = case_config(args.case, args.model, args.steps, json.loads(args.extra))
-    tokenized = {"train": str(args.work / "train.arrow")}
-    emit(run_train(cfg, tokenized))
+    trained = run_train(cfg, Tokenized.at(args.work))  # the case reads train.arrow there
+    emit({"run_dir": str(trained.run.root), "adapter": str(trained.run.adapter)})
 
 
 # Goals of the scaling issue, as a share of n x one GPU's tokens/s: 2 GPUs 1.9x, 4 GPUs 3.8x, and two
@@ -141,7 +142,7 @@ def adapter_check(cfg, adapter: str | None, reference: str | None) -> str:
     named and shaped as one GPU's?"""
     from safetensors.torch import load_file
 
-    from chat_doctor.modeling import load_adapter, load_base_model
+    from chat_doctor.models.loading import load_adapter, load_base_model
 
     if not adapter:
         return "no adapter written"

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from chat_doctor.config import build_config
-from chat_doctor.embedded import MISTRAL_7B_SHAPE
+from chat_doctor.models.embedded import MISTRAL_7B_SHAPE
 from tasks.evaluate import run_evaluate
 from tasks.merge import run_merge
 from tasks.sample import run_sample
@@ -48,7 +48,7 @@ def build_random_7b(folder: Path, tokenizer_dir: Path | None) -> Path:
         for file in tokenizer_dir.iterdir():
             shutil.copy(file, folder / file.name)
     else:
-        from chat_doctor.embedded import write_tokenizer
+        from chat_doctor.models.embedded import write_tokenizer
 
         write_tokenizer(folder)
     return folder
@@ -101,11 +101,9 @@ def main() -> None:
     processed = timed("sample", run_sample, cfg.data, args.out / "processed")
     tokenized = timed("tokenize", run_tokenize, cfg.tokenize, cfg.model, processed, args.out / "tokenized")
     trained = timed("train", run_train, cfg, tokenized)
-    merged = timed("merge", run_merge, cfg, trained["adapter"])
-    report = timed("evaluate", run_evaluate, cfg, tokenized["eval"], processed["eval"], merged["merged"])
-    state = json.loads(
-        (Path(trained["run_dir"]) / "checkpoints" / f"checkpoint-{args.steps}" / "trainer_state.json").read_text()
-    )
+    merged = timed("merge", run_merge, cfg, trained)
+    report = timed("evaluate", run_evaluate, cfg, tokenized, processed, merged)
+    state = json.loads((trained.run.checkpoints / f"checkpoint-{args.steps}" / "trainer_state.json").read_text())
     logs = [e for e in state["log_history"] if "loss" in e]
     figures.update(
         timings_s=timings,
@@ -113,9 +111,9 @@ def main() -> None:
         grad_norms=[round(e["grad_norm"], 3) for e in logs],
         real_tokens=state.get("num_input_tokens_seen"),
         real_tokens_per_s_incl_load=round(state.get("num_input_tokens_seen", 0) / timings["train"], 1),
-        merge_logit_error=merged["logit_error"],
-        eval=json.loads(Path(report["report"]).read_text()),
-        samples=[json.loads(line) for line in Path(report["samples"]).read_text().splitlines()[:2]],
+        merge_logit_error=merged.logit_error,
+        eval=json.loads(report.report.read_text()),
+        samples=[json.loads(line) for line in report.samples.read_text().splitlines()[:2]],
     )
     print(json.dumps(figures))
 

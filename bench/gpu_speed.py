@@ -132,15 +132,15 @@ def prepare(args) -> dict:
     """The random 7B model folder and the tokenized rows (ours, and the notebook's padded form)."""
     from bench.gpu_smoke import build_random_7b
     from chat_doctor.config import ModelConfig, TokenizeConfig
-    from chat_doctor.modeling import load_tokenizer
-    from chat_doctor.tokenized import IGNORE_INDEX, tokenize_row, write_split
+    from chat_doctor.data.tokenized import IGNORE_INDEX, tokenize_row, write_split
+    from chat_doctor.models.loading import load_tokenizer
 
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     if args.base == "mistral-7b-random":
         model_dir = build_random_7b(work / "mistral-7b-random", args.tokenizer)
     else:  # e.g. the embedded tiny model, to try the harness on a CPU
-        from chat_doctor.modeling import base_location
+        from chat_doctor.models.loading import base_location
 
         model_dir = Path(base_location(ModelConfig(base=args.base)))
     tokenizer = load_tokenizer(ModelConfig(base=str(model_dir)))
@@ -204,7 +204,7 @@ def _timed_steps(name: str, steps: int) -> int:
 def run_one(args) -> None:
     """Child process: train one recipe of ours (or the original) and emit its figures."""
     from bench.speed_probe import StepTimer, emit
-    from chat_doctor.trainer import build_trainer
+    from chat_doctor.training.trainer import build_trainer
 
     name = args.run
     original = RECIPES[name]["kind"] == "original"
@@ -227,9 +227,9 @@ def generation_speed(args) -> None:
 
     from bench.speed_probe import emit
     from chat_doctor.config import build_config
-    from chat_doctor.modeling import load_adapter, load_base_model, load_tokenizer
-    from chat_doctor.prompts import build_prompt
-    from tasks.evaluate import generate_answers
+    from chat_doctor.data.prompts import build_prompt
+    from chat_doctor.evaluation.scoring import generate_answers
+    from chat_doctor.models.loading import load_adapter, load_base_model, load_tokenizer
 
     cuda = torch.cuda.is_available()
     cfg = build_config({"preset": args.gen_preset, **({"model": {"base": args.model}} if args.model else {})})

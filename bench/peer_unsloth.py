@@ -12,7 +12,7 @@ answers only, 8-bit AdamW.
 
 --varlen-gqa makes the peer fair on torch builds whose `varlen_attn` has no `enable_gqa` (2.11):
 unsloth then turns its varlen path off and loops SDPA over every packed row. Given the work-around
-chat_doctor/attention.py uses for our recipes (the key/value heads repeated to the query's), set in
+chat_doctor/training/attention.py uses for our recipes (the key/value heads repeated to the query's), set in
 this process before unsloth loads, every varlen call of unsloth goes through torch's kernel.
 """
 

@@ -37,8 +37,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.processes import free_port, mlflow_server_command, stop_when_idle, task_states
-from chat_doctor import faults
 from chat_doctor.config.presets import QUICK_EVAL
+from chat_doctor.core import faults
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -169,7 +169,7 @@ class Soak:
     # --- checks ------------------------------------------------------------------------------------
 
     def mlflow_run(self, flow_run_id: str):
-        from chat_doctor.tracking import client
+        from chat_doctor.tracking.mlflow_runs import client
 
         mlflow_client = client()
         experiments = [e.experiment_id for e in mlflow_client.search_experiments()]
@@ -178,8 +178,8 @@ class Soak:
 
     def check_run(self, flow_run_id: str) -> list[str]:
         """What is wrong with a finished run: state, loss steps, its registry version."""
-        from chat_doctor.registry import is_complete, versions_of_run
-        from chat_doctor.tracking import client
+        from chat_doctor.tracking.mlflow_runs import client
+        from chat_doctor.tracking.registry import is_complete, versions_of_run
 
         problems = []
         state = self.state(flow_run_id)
@@ -201,8 +201,8 @@ class Soak:
         """Every registry version complete, its adapter downloadable and readable; aliases valid."""
         from safetensors.torch import load_file
 
-        from chat_doctor.registry import download_adapter, is_complete
-        from chat_doctor.tracking import client
+        from chat_doctor.tracking.mlflow_runs import client
+        from chat_doctor.tracking.registry import download_adapter, is_complete
 
         mlflow_client = client()
         versions = mlflow_client.search_model_versions(f"name = '{MODEL}'")
@@ -289,7 +289,7 @@ def kill_run(soak: Soak, i: int) -> dict:
 
 def register_crash_run(soak: Soak, i: int) -> dict:
     """Through the served deployment, as users run it: the runner marks the killed run Crashed."""
-    from chat_doctor.registry import versions_of_run
+    from chat_doctor.tracking.registry import versions_of_run
 
     env = {**soak.env, **faults.env(kill_in_register="after-version")}
     server = soak._spawn([Path(sys.executable).name, "-m", "flows.deploy"], env=env, log=f"run{i}-serve.log")
@@ -330,7 +330,7 @@ def mlflow_down_run(soak: Soak, i: int) -> dict:
     proc.wait()
     first = soak.state(flow_run_id).name
     soak.start_mlflow()
-    from chat_doctor.tracking import client
+    from chat_doctor.tracking.mlflow_runs import client
 
     run = soak.mlflow_run(flow_run_id)
     steps_before = len(client().get_metric_history(run.info.run_id, "train/loss"))

@@ -109,7 +109,7 @@ async def _task_runs() -> tuple[str, list[dict]]:
 def task_runs() -> tuple[str, list[dict]]:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from chat_doctor.prefect_api import api_url_for_this_run
+    from chat_doctor.orchestration.prefect_api import api_url_for_this_run
 
     url = api_url_for_this_run()
     with temporary_settings(updates={PREFECT_API_URL: url} if url else {}):
@@ -121,7 +121,7 @@ def registered() -> dict:
     import mlflow
 
     from chat_doctor.config import load_config
-    from chat_doctor.tracking import tracking_uri
+    from chat_doctor.tracking.mlflow_runs import tracking_uri
 
     name = load_config().registry.model_name
     client = mlflow.MlflowClient(tracking_uri())

@@ -1,1 +1,1 @@
-"""Prefect flows and deployments: wiring only."""
+"""Prefect flows and deployments: wiring only. May import tasks/ and chat_doctor."""

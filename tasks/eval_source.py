@@ -11,15 +11,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from chat_doctor.config import Config
-from chat_doctor.files import read_jsonl, write_json, write_jsonl
-from chat_doctor.rows import clean_rows
-from chat_doctor.sources import DataError, open_source, source_fingerprint
+from chat_doctor.config import Config, DataConfig
+from chat_doctor.core.files import read_jsonl, write_json, write_jsonl
+from chat_doctor.core.logs import get_logger
+from chat_doctor.core.records import EvalRows, Processed
+from chat_doctor.data.rows import clean_rows
+from chat_doctor.data.sources import DataError, open_source, source_fingerprint
+from chat_doctor.orchestration.steps import step
 
+logger = get_logger(__name__)
 KEY = "evaluate.source"
 
 
-def _source_config(cfg: Config):
+def _source_config(cfg: Config) -> DataConfig:
     """data.* rules (columns, strict, max_chars, cleaning) applied to the eval source."""
     return cfg.data.model_copy(update={"source": cfg.evaluate.source, "revision": None})
 
@@ -42,16 +46,23 @@ def clean_eval_rows(cfg: Config, dataset, train_inputs: set[str]) -> tuple[list[
     return rows, report
 
 
-def run_eval_source(cfg: Config, processed_train: str) -> dict[str, str] | None:
+def run_eval_source(cfg: Config, processed_train: Path) -> EvalRows | None:
     """Write the cleaned eval-source rows; None when `evaluate.source` is not set."""
     if not cfg.evaluate.source:
         return None
     dataset = open_source(_source_config(cfg), key=KEY)
-    train_inputs = {row["input"] for row in read_jsonl(Path(processed_train))}
+    train_inputs = {row["input"] for row in read_jsonl(processed_train)}
     rows, report = clean_eval_rows(cfg, dataset, train_inputs)
     out = Path(cfg.runs_dir) / "eval-sources" / report["fingerprint"].split(":")[-1][:16]
-    write_jsonl(out / "rows.jsonl", rows)
-    write_json(out / "report.json", report)
+    written = EvalRows(rows=out / "rows.jsonl", report=out / "report.json")
+    write_jsonl(written.rows, rows)
+    write_json(written.report, report)
     if report["overlap_with_train"]:
-        print(f"{KEY}: {report['overlap_with_train']} of {len(rows)} rows are also in the training split")
-    return {"rows": str(out / "rows.jsonl"), "report": str(out / "report.json")}
+        logger.warning("%s: %d of %d rows are also in the training split", KEY, report["overlap_with_train"], len(rows))
+    return written
+
+
+@step("eval-source")
+def eval_source(cfg: Config, processed: Processed) -> EvalRows | None:
+    """Read and clean `evaluate.source` before training, so a bad file fails in seconds."""
+    return run_eval_source(cfg, processed.train)

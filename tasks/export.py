@@ -10,19 +10,29 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from prefect import task
+
 from chat_doctor.config import Config
-from chat_doctor.gguf_export import export_gguf, log_export
+from chat_doctor.core.logs import get_logger
+from chat_doctor.core.records import Exported
+from chat_doctor.serving.gguf_export import export_gguf, log_export
+from chat_doctor.tracking.registry import aliased_version
+
+logger = get_logger(__name__)
 
 
-def run_export(cfg: Config) -> dict[str, list[str]]:
-    """Export the champion; {"files": [...]} (empty when there is no champion yet)."""
-    from chat_doctor.registry import aliased_version
-
+def run_export(cfg: Config) -> Exported:
+    """Export the champion (nothing when there is no champion yet)."""
     champion = aliased_version(cfg.registry.model_name, cfg.registry.champion_alias)
     if champion is None:
-        print(f"export: no {cfg.registry.champion_alias} yet; nothing exported")
-        return {"files": []}
+        logger.info("export: no %s yet; nothing exported", cfg.registry.champion_alias)
+        return Exported()
     out, types = Path(cfg.export.dir), tuple(cfg.export.types)
     files = export_gguf(cfg.registry.champion_alias, out, cfg, types, cfg.export.lora)
     log_export(champion.run_id, files)
-    return {"files": [str(f) for f in files]}
+    return Exported(files=files)
+
+
+@task(name="export")
+def export(cfg: Config) -> Exported:
+    return run_export(cfg)

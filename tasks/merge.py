@@ -1,7 +1,7 @@
 """Step `merge`: fold the LoRA adapter into a full-precision copy of the base.
 
-Reads params sections `model`, `tokenize` (template) and `merge`. Input: `runs/<run>/adapter/` and
-the data lineage. Output: `runs/<run>/merged/` (safetensors + tokenizer + model card README.md),
+Reads params sections `model`, `tokenize` (template) and `merge`. Input: the run folder's adapter and
+the data's DVC hashes. Output: the run folder's `merged/` (safetensors + tokenizer + model card README.md),
 written atomically. The base is loaded in bf16/fp16/fp32, never 4 bit: merging into quantized
 weights would round the adapter's delta away; `merge.device: cpu` does it in host memory for a GPU
 smaller than that copy. Before saving, the merged model is judged against
@@ -11,13 +11,13 @@ base's logits, or nothing is saved.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from chat_doctor.config import Config
-from chat_doctor.files import atomic_dir
-from chat_doctor.model_card import render_card
-from chat_doctor.modeling import load_adapter, load_base_model, load_tokenizer
-from chat_doctor.prompts import build_example
+from chat_doctor.core.files import atomic_dir
+from chat_doctor.core.records import DataVersion, Merged, Trained
+from chat_doctor.data.prompts import build_example
+from chat_doctor.models.loading import load_adapter, load_base_model, load_tokenizer
+from chat_doctor.orchestration.steps import step
+from chat_doctor.tracking.model_card import render_card
 
 # The merged model must keep at least this share of the adapter's effect on the check prompts:
 # 1 - |merged - adapter| / |adapter - base| (logits). A correct fp32 merge keeps ~1.0; a merge that
@@ -50,8 +50,9 @@ def _logits(model, tokenizer, template: str):
     return torch.cat(outputs)
 
 
-def run_merge(cfg: Config, adapter: str, lineage: dict | None = None) -> dict:
-    """Merge `adapter` into the base, judge the logits, save; return the folder and the figures."""
+def run_merge(cfg: Config, trained: Trained, data: DataVersion | None = None) -> Merged:
+    """Merge the trained adapter into the base, judge the logits, save; return the figures."""
+    run, adapter = trained.run, str(trained.run.adapter)
     tokenizer = load_tokenizer(cfg.model, adapter)
     base = load_base_model(cfg.model, quantized=False, dtype_name=cfg.merge.dtype, on_cpu=cfg.merge.device == "cpu")
     with_adapter = load_adapter(base, adapter)
@@ -75,9 +76,13 @@ def run_merge(cfg: Config, adapter: str, lineage: dict | None = None) -> dict:
         raise MergeMismatch(f"merged logits differ from base + adapter by {error:.3g} relative: not saved")
     else:
         kept = 1.0
-    out = Path(adapter).parent / "merged"
-    with atomic_dir(out) as staging:
+    with atomic_dir(run.merged) as staging:
         merged_model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        (staging / "README.md").write_text(render_card(cfg, lineage or {}, None, None, "merged"))
-    return {"merged": str(out), "logit_error": error, "adapter_effect_kept": kept}
+        (staging / "README.md").write_text(render_card(cfg, data.tags if data else {}, None, None, "merged"))
+    return Merged(run=run, logit_error=error, adapter_effect_kept=kept)
+
+
+@step("merge")
+def merge(cfg: Config, trained: Trained, data: DataVersion) -> Merged:
+    return run_merge(cfg, trained, data)

@@ -5,32 +5,37 @@ Reads params sections `tokenize` and `model` (for the tokenizer). Inputs: `data/
 with `input_ids` and `labels`, loadable with `datasets.Dataset.from_file`) and `report.json`.
 Every row ends in EOS and its label is kept, so the model learns to stop; with `loss_on:
 completion` the prompt's labels are -100. Rows longer than `max_length` lose the end of the answer
-but keep the EOS. Run alone with `python -m tasks.tokenize`.
+but keep the EOS. Run alone with `python -m tasks.tokenize`. In the flow the step is cached on its
+config sections and the processed rows' content, while data/tokenized still holds what it made.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
-from chat_doctor.config import PROCESSED_DIR, TOKENIZED_DIR, ModelConfig, TokenizeConfig, load_config
-from chat_doctor.files import read_jsonl, write_json
-from chat_doctor.modeling import load_tokenizer
-from chat_doctor.tokenized import IGNORE_INDEX, tokenize_row, write_split
+from chat_doctor.config import ModelConfig, TokenizeConfig, load_config, section_hash
+from chat_doctor.core.files import content_hash, read_jsonl, write_json
+from chat_doctor.core.layout import PROCESSED_DIR, TOKENIZED_DIR
+from chat_doctor.core.records import Processed, Tokenized
+from chat_doctor.data.tokenized import IGNORE_INDEX, tokenize_row, write_split
+from chat_doctor.models.loading import load_tokenizer
+from chat_doctor.orchestration import step_cache
+from chat_doctor.orchestration.steps import given_key, step
 
 
 def run_tokenize(
-    cfg: TokenizeConfig, model_cfg: ModelConfig, processed: dict[str, str], out_dir: Path = TOKENIZED_DIR
-) -> dict[str, str]:
-    """Tokenize the `train` and `eval` JSONL files of `processed`; return the output paths."""
+    cfg: TokenizeConfig, model_cfg: ModelConfig, processed: Processed, out_dir: Path = TOKENIZED_DIR
+) -> Tokenized:
+    """Tokenize the train and eval rows of `processed` into `out_dir`."""
     tokenizer = load_tokenizer(model_cfg)
-    out_dir = Path(out_dir)
-    report: dict[str, dict] = {"template": cfg.template, "max_length": cfg.max_length, "splits": {}}
-    paths = {}
-    for split in ("train", "eval"):
+    out = Tokenized.at(out_dir)
+    report: dict[str, Any] = {"template": cfg.template, "max_length": cfg.max_length, "splits": {}}
+    for split, rows, arrow in (("train", processed.train, out.train), ("eval", processed.eval, out.eval)):
         columns: dict[str, list] = {"input_ids": [], "labels": []}
         counts = {"rows": 0, "truncated": 0, "dropped": 0, "tokens": 0, "loss_tokens": 0}
-        for row in read_jsonl(Path(processed[split])):
+        for row in read_jsonl(rows):
             ids, labels, status = tokenize_row(tokenizer, cfg, row)
             if status:
                 counts[status] += 1
@@ -44,13 +49,30 @@ def run_tokenize(
         if not counts["rows"]:
             raise ValueError(f"tokenize.max_length = {cfg.max_length}: every {split} row's prompt is too long")
         # The share of compute the original recipe spent on padding (every row padded to max_length).
-        counts["padding_share_if_padded"] = round(1 - counts["tokens"] / (counts["rows"] * cfg.max_length), 4)
-        paths[split] = out_dir / f"{split}.arrow"
-        write_split(paths[split], columns)
-        report["splits"][split] = counts
-    paths["report"] = out_dir / "report.json"
-    write_json(paths["report"], report)
-    return {name: str(path) for name, path in paths.items()}
+        padding = round(1 - counts["tokens"] / (counts["rows"] * cfg.max_length), 4)
+        write_split(arrow, columns)
+        report["splits"][split] = {**counts, "padding_share_if_padded": padding}
+    write_json(out.report, report)
+    return out
+
+
+# The Prefect task.
+
+
+@step("tokenize", cache_key_fn=given_key)
+def _tokenize(cfg: TokenizeConfig, model_cfg: ModelConfig, processed: Processed, key: str) -> Tokenized:
+    tokenized = run_tokenize(cfg, model_cfg, processed)
+    step_cache.record("tokenize", key, TOKENIZED_DIR)
+    return tokenized
+
+
+def tokenize(cfg: TokenizeConfig, model_cfg: ModelConfig, processed: Processed) -> Tokenized:
+    """The step as the flow runs it: keyed on its config sections and the processed rows' content,
+    and taken from Prefect's cache only while data/tokenized still holds what it made under that key."""
+    inputs = [content_hash(path) for path in (processed.train, processed.eval)]
+    key = step_cache.cache_key("tokenize", section_hash(cfg, model_cfg), *inputs)
+    fresh = step_cache.still_holds("tokenize", key, TOKENIZED_DIR)
+    return _tokenize.with_options(refresh_cache=not fresh)(cfg, model_cfg, processed, key)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,8 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. tokenize.max_length=256")
     args = parser.parse_args(argv)
     cfg = load_config(overrides=args.overrides)
-    processed = {split: str(PROCESSED_DIR / f"{split}.jsonl") for split in ("train", "eval")}
-    print(run_tokenize(cfg.tokenize, cfg.model, processed))
+    print(run_tokenize(cfg.tokenize, cfg.model, Processed.at(PROCESSED_DIR)))
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ def _no_tracking_uri_left_behind():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """The embedded base, built once per session (the copies below link to it)."""
-    from chat_doctor.embedded import ensure_tiny_model
+    from chat_doctor.models.embedded import ensure_tiny_model
 
     return ensure_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-mistral")
 
@@ -133,8 +133,8 @@ def shared_run(tmp_path_factory, tiny_model_dir, prefect_server) -> SharedRun:
     not beat v1 and stays candidate. Tests only read this project; one that changes the registry
     puts it back, and one that needs to write works on a copy (`copy_of_shared`).
     """
-    from chat_doctor import faults
-    from chat_doctor.files import content_hash
+    from chat_doctor.core import faults
+    from chat_doctor.core.files import content_hash
     from flows.finetune import finetune
 
     root = new_project(tmp_path_factory.mktemp("shared") / "project", tiny_model_dir)

@@ -15,7 +15,7 @@ import mlflow
 import pytest
 
 from chat_doctor.config import build_config
-from chat_doctor.tracking import tracking_uri
+from chat_doctor.tracking.mlflow_runs import tracking_uri
 from tasks.sample import run_sample
 from tests.conftest import new_project
 
@@ -197,7 +197,7 @@ def checks_before_training(overrides: dict, out: Path) -> str:
     """What the flow runs before training, as the plain functions its steps call (validate the
     config, sample, tokenize, read the eval source); the error it stops with, naming the problem."""
     from chat_doctor.config import load_config
-    from chat_doctor.preflight import check_before_data
+    from chat_doctor.training.preflight import check_before_data
     from tasks.eval_source import run_eval_source
     from tasks.tokenize import run_tokenize
 
@@ -206,7 +206,7 @@ def checks_before_training(overrides: dict, out: Path) -> str:
         check_before_data(cfg)
         processed = run_sample(cfg.data, out / "processed")
         run_tokenize(cfg.tokenize, cfg.model, processed, out / "tokenized")
-        run_eval_source(cfg, processed["train"])
+        run_eval_source(cfg, processed.train)
     assert not (out / "processed").exists() and not (out / "tokenized").exists(), "half-written data left"
     assert not Path("runs").exists()
     return str(err.value)
@@ -319,7 +319,7 @@ def test_default_mode_drops_and_counts_what_strict_mode_rejects(tmp_path):
     rows = [GOOD, {**GOOD, "input": "Another question?"}, {**GOOD, "output": 7}, {**GOOD, "input": ""}]
     source = write(tmp_path, "r.jsonl", jsonl(rows))
     paths = run_sample(build_config({"data": {"source": str(source), "rows": 2, "eval_fraction": 0.5}}).data, tmp_path)
-    report = json.loads(Path(paths["report"]).read_text())
+    report = json.loads(paths.report.read_text())
     assert report["dropped"] == {"input: empty": 1, "output: not a string": 1}
     assert report["rows_read"] == 4 and report["rows_kept"] == 2
 

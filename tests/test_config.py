@@ -32,7 +32,7 @@ def test_params_yaml_is_the_smollm2_demo():
 def test_the_shipped_params_yaml_gives_each_preset_its_own_recipe(preset, tmp_path):
     """`python -m flows.finetune preset=X`, and `preset: X` written in params.yaml, both give preset
     X exactly: the shipped file holds no values of its own that would win over it."""
-    from chat_doctor.lineage import write_params
+    from chat_doctor.tracking.lineage import write_params
 
     recipe = build_config({"preset": preset})
     assert load_config(REPO / "params.yaml", {"preset": preset}) == recipe
@@ -47,7 +47,7 @@ def test_the_shipped_params_yaml_gives_each_preset_its_own_recipe(preset, tmp_pa
 
 
 def test_a_choice_in_params_yaml_wins_over_the_preset(tmp_path):
-    from chat_doctor.lineage import write_params
+    from chat_doctor.tracking.lineage import write_params
 
     params = tmp_path / "params.yaml"
     params.write_text((REPO / "params.yaml").read_text())
@@ -172,7 +172,7 @@ def test_missing_params_file(tmp_path):
 
 def test_compiled_layers_keep_liger_fused_loss_only():
     """liger-loss goes with train.compile, and asks liger for its lm_head + loss kernel alone."""
-    from chat_doctor.trainer import LIGER_LOSS_ONLY
+    from chat_doctor.training.trainer import LIGER_LOSS_ONLY
 
     cfg = build_config({"preset": "mistral-7b", "train": {"kernels": "liger-loss", "compile": True}})
     assert (cfg.train.kernels, cfg.train.compile) == ("liger-loss", True)

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from chat_doctor.config import DataConfig, ModelConfig, TokenizeConfig
-from chat_doctor.files import read_jsonl
-from chat_doctor.sources import DataError
-from chat_doctor.synthetic import generate
-from chat_doctor.tokenized import IGNORE_INDEX, load_split, tokenize_row
+from chat_doctor.core.files import read_jsonl
+from chat_doctor.data.sources import DataError
+from chat_doctor.data.synthetic import generate
+from chat_doctor.data.tokenized import IGNORE_INDEX, load_split, tokenize_row
 from tasks.sample import run_sample
 from tasks.tokenize import run_tokenize
 from tests.conftest import REAL_ROWS, needs_real_rows
@@ -53,7 +53,7 @@ def test_every_local_format_gives_the_same_sample(tmp_path, rows):
     outputs = {}
     for name, path in _write_sources(tmp_path, rows).items():
         paths = run_sample(DataConfig(source=str(path), rows=40, eval_fraction=0.25), tmp_path / f"out-{name}")
-        outputs[name] = (Path(paths["train"]).read_bytes(), Path(paths["eval"]).read_bytes())
+        outputs[name] = (Path(paths.train).read_bytes(), Path(paths.eval).read_bytes())
     assert len(set(outputs.values())) == 1
     train = read_jsonl(tmp_path / "out-jsonl" / "train.jsonl")
     evaluation = read_jsonl(tmp_path / "out-jsonl" / "eval.jsonl")
@@ -67,8 +67,8 @@ def test_sampling_is_reproducible_and_seeded(tmp_path, rows):
     b = run_sample(DataConfig(source=str(source), rows=20, seed=1), tmp_path / "b")
     c = run_sample(DataConfig(source=str(source), rows=20, seed=2), tmp_path / "c")
     for name in ("train", "eval", "report"):
-        assert Path(a[name]).read_bytes() == Path(b[name]).read_bytes()
-    assert Path(a["train"]).read_bytes() != Path(c["train"]).read_bytes()
+        assert getattr(a, name).read_bytes() == getattr(b, name).read_bytes()
+    assert Path(a.train).read_bytes() != Path(c.train).read_bytes()
 
 
 def test_invalid_rows_are_dropped_and_counted(tmp_path, rows):
@@ -76,7 +76,7 @@ def test_invalid_rows_are_dropped_and_counted(tmp_path, rows):
     source = tmp_path / "rows.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
     paths = run_sample(DataConfig(source=str(source), rows=10, eval_fraction=0.2), tmp_path / "out")
-    report = json.loads(Path(paths["report"]).read_text())
+    report = json.loads(Path(paths.report).read_text())
     assert report["dropped"] == {"input: empty": 1, "output: missing": 1}
     assert (report["source_rows"], report["rows_read"], report["train_rows"]) == (12, 12, 8)
 
@@ -106,7 +106,7 @@ def _text(path: Path, text: str) -> Path:
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model_dir):
-    from chat_doctor.modeling import load_tokenizer
+    from chat_doctor.models.loading import load_tokenizer
 
     return load_tokenizer(ModelConfig(), str(tiny_model_dir))
 
@@ -141,11 +141,11 @@ def test_truncation_keeps_eos(tokenizer):
 def test_run_tokenize_writes_arrow_splits_and_report(tmp_path, project):
     processed = run_sample(DataConfig(rows=50), tmp_path / "processed")
     paths = run_tokenize(TokenizeConfig(max_length=256), ModelConfig(), processed, tmp_path / "tok")
-    train = load_split(paths["train"])
-    assert len(train) + json.loads(Path(paths["report"]).read_text())["splits"]["train"]["dropped"] == 45
+    train = load_split(paths.train)
+    assert len(train) + json.loads(Path(paths.report).read_text())["splits"]["train"]["dropped"] == 45
     pairs = zip(train["input_ids"], train["labels"], strict=True)
     assert all(ids[-1] == 2 and labels[-1] == 2 for ids, labels in pairs)
-    report = json.loads(Path(paths["report"]).read_text())
+    report = json.loads(Path(paths.report).read_text())
     assert report["splits"]["eval"]["rows"] == 5
     assert 0 < report["splits"]["train"]["padding_share_if_padded"] < 1
 
@@ -154,19 +154,19 @@ def test_run_tokenize_writes_arrow_splits_and_report(tmp_path, project):
 def test_real_rows_are_cleaned_counted_and_reproducible(tmp_path, project):
     import datasets
 
-    from chat_doctor.cleaning import normalise
+    from chat_doctor.data.cleaning import normalise
 
     paths = run_sample(DataConfig(source=str(REAL_ROWS), rows=400, eval_fraction=0.1), tmp_path / "a")
     again = run_sample(DataConfig(source=str(REAL_ROWS), rows=400, eval_fraction=0.1), tmp_path / "b")
     for name in ("train", "eval", "report"):
-        assert Path(paths[name]).read_bytes() == Path(again[name]).read_bytes()
-    rows = read_jsonl(Path(paths["train"])) + read_jsonl(Path(paths["eval"]))
+        assert getattr(paths, name).read_bytes() == getattr(again, name).read_bytes()
+    rows = read_jsonl(Path(paths.train)) + read_jsonl(Path(paths.eval))
     assert len(rows) == 400
     artefact = re.compile(r"chat\s*doctor", re.IGNORECASE)
     assert not [r for r in rows if artefact.search(r["output"]) or artefact.search(r["input"])]
     # The report's counts are what the raw rows contain.
     raw = datasets.load_from_disk(str(REAL_ROWS), keep_in_memory=True)
-    report = json.loads(Path(paths["report"]).read_text())
+    report = json.loads(Path(paths.report).read_text())
     for field in ("input", "output"):
         expected = sum(1 for text in raw[field] if artefact.search(text))
         assert report["changed"].get(f"Chat Doctor artefact in {field}", 0) == expected
@@ -177,5 +177,5 @@ def test_real_rows_are_cleaned_counted_and_reproducible(tmp_path, project):
     assert not list(REAL_ROWS.glob("cache-*"))  # the shared folder is left as it was
     # Every real row trains its EOS, and the prompt is masked.
     tokenized = run_tokenize(TokenizeConfig(), ModelConfig(), paths, tmp_path / "tokenized")
-    train = load_split(tokenized["train"])
+    train = load_split(tokenized.train)
     assert len(train) > 300 and all(labels[-1] == 2 and labels[0] == -100 for labels in train["labels"])

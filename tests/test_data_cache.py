@@ -5,8 +5,9 @@ import pytest
 from prefect import flow
 
 from bench.processes import task_states
-from chat_doctor.config import PROCESSED_DIR, TOKENIZED_DIR, load_config
-from chat_doctor.files import content_hash
+from chat_doctor.config import load_config
+from chat_doctor.core.files import content_hash
+from chat_doctor.core.layout import PROCESSED_DIR, TOKENIZED_DIR
 
 pytestmark = pytest.mark.slow
 A = {"data.rows": 40}
@@ -16,10 +17,11 @@ B = {"data.rows": 60}
 @flow(name="data-steps")
 def data_steps(overrides: dict) -> dict:
     """The finetune flow's data steps, as it calls them."""
-    from flows.finetune import _sample_cached, _tokenize_cached
+    from tasks.sample import sample
+    from tasks.tokenize import tokenize
 
     cfg = load_config("params.yaml", overrides)
-    _tokenize_cached(cfg.tokenize, cfg.model, _sample_cached(cfg.data))
+    tokenize(cfg.tokenize, cfg.model, sample(cfg.data))
     return {"processed": content_hash(PROCESSED_DIR), "tokenized": content_hash(TOKENIZED_DIR)}
 
 

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from bench.processes import task_states
-from chat_doctor import faults
-from chat_doctor.tracking import tracking_uri
+from chat_doctor.core import faults
+from chat_doctor.tracking.mlflow_runs import tracking_uri
 from tests.conftest import QUICK_EVAL, REAL_ROWS, needs_real_rows, new_project
 from tests.served import (
     BIN,
@@ -64,7 +64,7 @@ def deployed(deployment, monkeypatch):
 
 
 def registry_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "chat_doctor.registry", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "chat_doctor.serving.cli", *args], capture_output=True, text=True)
 
 
 def aliases(client) -> dict[str, int]:

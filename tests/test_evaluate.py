@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from chat_doctor.config import ConfigError, build_config
-from chat_doctor.metrics import answer_figures, repetition, rouge_l, similarity
-from chat_doctor.registry import decide_promotion
-from chat_doctor.sources import DataError
+from chat_doctor.data.sources import DataError
+from chat_doctor.evaluation.metrics import answer_figures, repetition, rouge_l, similarity
+from chat_doctor.tracking.registry import decide_promotion
 from tasks.eval_source import run_eval_source
 from tests.test_bad_inputs import GOOD, jsonl, write
 
@@ -78,10 +78,10 @@ def test_eval_source_is_cleaned_counted_and_checked_for_overlap(tmp_path, projec
     source = write(tmp_path, "held_out.jsonl", jsonl(rows))
     cfg = build_config({"evaluate": {"source": str(source)}})
     paths = run_eval_source(cfg, str(train))
-    report = json.loads(Path(paths["report"]).read_text())
+    report = json.loads(paths.report.read_text())
     assert (report["rows_read"], report["rows_kept"], report["overlap_with_train"]) == (4, 2, 1)
     assert report["dropped"] == {"duplicate (exact)": 1, "output: empty": 1}
-    assert [r["input"] for r in map(json.loads, Path(paths["rows"]).read_text().splitlines())] == [
+    assert [r["input"] for r in map(json.loads, paths.rows.read_text().splitlines())] == [
         GOOD["input"],
         "Other question?",
     ]
@@ -131,7 +131,7 @@ def test_bad_evaluate_and_registry_config_names_the_key(raw, message):
 
 
 def test_the_summary_names_each_metric_and_its_direction_once():
-    from chat_doctor.eval_report import markdown_summary
+    from chat_doctor.evaluation.report import markdown_summary
 
     figures = {"loss": 2.0, "rougeL": 0.2}
     report = {
@@ -150,7 +150,7 @@ def test_the_summary_names_each_metric_and_its_direction_once():
 def test_a_copy_of_the_champion_does_not_beat_it_through_its_tags():
     """The champion's figures come back from its registry tags; the same figures computed again
     (the same adapter evaluated on the same rows) must not count as an improvement."""
-    from chat_doctor.registry import decide_promotion, figure_tags, figures_from_tags
+    from chat_doctor.tracking.registry import decide_promotion, figure_tags, figures_from_tags
 
     figures = {"loss": 2.7532140016555786, "rougeL": 0.12034}
     champion = figures_from_tags(figure_tags("tuned", figures))

@@ -13,11 +13,19 @@ import yaml
 
 from bench.processes import task_states
 from chat_doctor.config import flatten, load_config
-from chat_doctor.tracking import tracking_uri
+from chat_doctor.core.layout import PROCESSED_DIR, TOKENIZED_DIR, RunFolder
+from chat_doctor.core.records import Merged, Processed, Tokenized
+from chat_doctor.tracking.mlflow_runs import tracking_uri
 from tests.conftest import FAST, QUICK_EVAL, REAL_ROWS, SHORTER, copy_of_shared, needs_real_rows
 
 pytestmark = pytest.mark.slow
 METRICS = ("loss", "perplexity", "rougeL", "similarity", "eos_rate", "repetition", "words")
+PROCESSED, TOKENIZED = Processed.at(PROCESSED_DIR), Tokenized.at(TOKENIZED_DIR)
+
+
+def shared_merged(shared) -> Merged:
+    """The shared run's merged model, in the copy of its project that is the working directory."""
+    return Merged(run=RunFolder(root=Path("runs") / shared.run_dir.name), logit_error=0.0, adapter_effect_kept=1.0)
 
 
 def dvc_status() -> dict:
@@ -29,8 +37,8 @@ def dvc_status() -> dict:
 
 def test_flow_trains_registers_and_versions_data(shared):
     result = shared.first.result()
-    assert result["version"] == 1 and result["uri"] == "models:/chat-doctor-adapter/1"
-    assert result["aliases"] == ["candidate", "champion"]  # beats the base, and there is no champion yet
+    assert result.version == 1 and result.uri == "models:/chat-doctor-adapter/1"
+    assert result.aliases == ["candidate", "champion"]  # beats the base, and there is no champion yet
 
     client = mlflow.MlflowClient(tracking_uri())
     assert tracking_uri() == f"sqlite:///{shared.root / 'mlflow.db'}"
@@ -129,7 +137,7 @@ def test_a_second_run_reuses_the_data_and_its_worse_adapter_stays_candidate(shar
     assert states["sample"] == "Cached" and states["tokenize"] == "Cached"
     assert states["train"] == states["register"] == "Completed"
     worse = shared.second.result()
-    assert (worse["version"], worse["aliases"]) == (2, ["candidate"])
+    assert (worse.version, worse.aliases) == (2, ["candidate"])
     client = mlflow.MlflowClient(tracking_uri())
     champion = client.get_model_version_by_alias("chat-doctor-adapter", "champion")
     candidate = client.get_model_version_by_alias("chat-doctor-adapter", "candidate")
@@ -147,14 +155,14 @@ def test_a_second_run_reuses_the_data_and_its_worse_adapter_stays_candidate(shar
 def test_the_registry_by_hand(shared, tmp_path, capsys):
     """chat-doctor-models as a user runs it (the first command from a shell, the rest through the
     same entry point in this process); the champion is put back at the end."""
-    from chat_doctor.registry import main
+    from chat_doctor.serving.cli import main
 
     def models(*args):
         capsys.readouterr()
         main(list(args))
         return capsys.readouterr().out
 
-    shell = subprocess.run([sys.executable, "-m", "chat_doctor.registry", "list"], capture_output=True, text=True)
+    shell = subprocess.run([sys.executable, "-m", "chat_doctor.serving.cli", "list"], capture_output=True, text=True)
     assert shell.returncode == 0, shell.stderr
     assert shell.stdout == models("list")
     listing = shell.stdout.splitlines()
@@ -198,8 +206,8 @@ def test_an_eval_source_of_real_rows_rescores_the_champion_on_them(shared, tmp_p
     eval source cleaned and checked by tests/test_evaluate.py.)"""
     import datasets
 
-    from chat_doctor.registry import champion_record
-    from chat_doctor.tracking import start_run
+    from chat_doctor.tracking.mlflow_runs import start_run
+    from chat_doctor.tracking.registry import champion_record
     from tasks.eval_source import run_eval_source
     from tasks.evaluate import log_evaluation, run_evaluate
     from tasks.register import promotion
@@ -208,11 +216,11 @@ def test_an_eval_source_of_real_rows_rescores_the_champion_on_them(shared, tmp_p
     held_out = tmp_path / "held_out_real.jsonl"
     datasets.load_from_disk(str(REAL_ROWS)).select(range(40)).to_json(str(held_out), lines=True)
     cfg = load_config("params.yaml", {**FAST, **QUICK_EVAL, "evaluate.source": str(held_out)})
-    source = run_eval_source(cfg, "data/processed/train.jsonl")
+    source = run_eval_source(cfg, Path("data/processed/train.jsonl"))
     champion = champion_record(cfg.registry.model_name, cfg.registry.champion_alias)
-    merged = Path("runs") / shared.run_dir.name / "merged"  # v1's merged model: the champion, merged
-    paths = run_evaluate(cfg, "data/tokenized/eval.arrow", "data/processed/eval.jsonl", str(merged), source, champion)
-    report = json.loads(Path(paths["report"]).read_text())
+    merged = shared_merged(shared)  # v1's merged model: the champion, merged
+    paths = run_evaluate(cfg, TOKENIZED, PROCESSED, merged, source, champion)
+    report = json.loads(paths.report.read_text())
     assert report["gate_set"] == "source"
     assert report["champion"] == {"version": 1, "figures": "scored again on these rows"}
     real = report["sets"]["source"]
@@ -233,15 +241,15 @@ def test_an_eval_source_of_real_rows_rescores_the_champion_on_them(shared, tmp_p
 def test_4bit_evaluation_scores_base_tuned_and_champion_on_one_quantized_base(shared, tmp_path, monkeypatch):
     """`evaluate.load_in_4bit` (the lean preset): base, tuned and the champion are the 4-bit base
     with no adapter, this run's adapter and the champion's adapter from the registry."""
-    from chat_doctor.registry import champion_record
+    from chat_doctor.tracking.registry import champion_record
     from tasks.evaluate import run_evaluate
 
     monkeypatch.chdir(copy_of_shared(shared, tmp_path / "project"))
     cfg = load_config("params.yaml", {**FAST, **QUICK_EVAL, "evaluate.load_in_4bit": True})
     champion = champion_record(cfg.registry.model_name, cfg.registry.champion_alias)
-    merged = Path("runs") / shared.run_dir.name / "merged"  # v1's run: its adapter is the champion's
-    paths = run_evaluate(cfg, "data/tokenized/eval.arrow", "data/processed/eval.jsonl", str(merged), None, champion)
-    report = json.loads(Path(paths["report"]).read_text())
+    merged = shared_merged(shared)  # v1's run: its adapter is the champion's
+    paths = run_evaluate(cfg, TOKENIZED, PROCESSED, merged, None, champion)
+    report = json.loads(paths.report.read_text())
     # The champion's registered figures came from full-precision models: another eval key.
     assert report["champion"] == {"version": 1, "figures": "scored again on these rows"}
     models = report["sets"]["eval_split"]["models"]
@@ -271,7 +279,7 @@ def test_flow_on_real_rows(project, prefect_server):
     report = json.loads(Path("data/processed/report.json").read_text())
     assert (report["source_rows"], report["train_rows"], report["eval_rows"]) == (400, 108, 12)
     # Every real row trains its EOS, and the prompt is masked.
-    from chat_doctor.tokenized import load_split
+    from chat_doctor.data.tokenized import load_split
 
     train = load_split("data/tokenized/train.arrow")
     assert all(labels[-1] == 2 and labels[0] == -100 for labels in train["labels"])

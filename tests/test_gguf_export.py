@@ -8,8 +8,8 @@ from pathlib import Path
 import jinja2
 import pytest
 
-from chat_doctor.gguf_export import ExportError, chat_template, ollama_template
-from chat_doctor.prompts import TEMPLATES, build_prompt
+from chat_doctor.data.prompts import TEMPLATES, build_prompt
+from chat_doctor.serving.gguf_export import ExportError, chat_template, ollama_template
 
 QUERY = "I have had a sore throat for two days. Should I worry?"
 # Relative L2 distance of the logits to the merged model's: f16 rounds each weight to 11 bits
@@ -29,7 +29,7 @@ def test_the_modelfile_and_gguf_templates_give_the_training_prompt(template):
 
 
 def test_unknown_types_fail_before_anything_loads(tmp_path):
-    from chat_doctor.registry import main as models_cli
+    from chat_doctor.serving.cli import main as models_cli
 
     with pytest.raises(ExportError, match=r"--types q4_k_m: choose from f16, bf16, q8_0, f32"):
         models_cli(["export", "champion", "--gguf", str(tmp_path / "out"), "--types", "q4_k_m"])
@@ -43,8 +43,8 @@ def test_the_champion_exported_loads_back_with_the_merged_models_logits(shared):
     from transformers import AutoModelForCausalLM
 
     from chat_doctor.config import load_config
-    from chat_doctor.registry import aliased_version
-    from chat_doctor.tracking import client
+    from chat_doctor.tracking.mlflow_runs import client
+    from chat_doctor.tracking.registry import aliased_version
     from tasks.export import run_export
 
     out, stem = Path("runs/export-test"), "chat-doctor-adapter-v1-champion"
@@ -53,7 +53,7 @@ def test_the_champion_exported_loads_back_with_the_merged_models_logits(shared):
     try:
         exported = run_export(cfg)
         names = ["Modelfile", f"{stem}-f16.gguf", f"{stem}-q8_0.gguf"]
-        assert sorted(Path(f).name for f in exported["files"]) == names
+        assert sorted(Path(f).name for f in exported.files) == names
         assert sorted(p.name for p in out.iterdir()) == names  # no partial file left
         assert sorted(Path(a.path).name for a in client().list_artifacts(champion.run_id, "gguf")) == names
 

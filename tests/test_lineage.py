@@ -5,7 +5,7 @@ from pathlib import Path
 
 import yaml
 
-from chat_doctor.lineage import data_hashes, data_overrides, write_params
+from chat_doctor.tracking.lineage import data_hashes, data_overrides, write_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,8 +55,8 @@ def test_dvc_pull_into_a_fresh_clone_restores_the_same_data(project, tmp_path):
     from dvc.repo import Repo
 
     from chat_doctor.config import load_config
-    from chat_doctor.files import content_hash
-    from chat_doctor.lineage import record_data_stages
+    from chat_doctor.core.files import content_hash
+    from chat_doctor.tracking.lineage import record_data_stages
     from tasks.sample import run_sample
     from tasks.tokenize import run_tokenize
 

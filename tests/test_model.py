@@ -11,12 +11,14 @@ import torch
 from safetensors.torch import load_file
 
 from chat_doctor.config import load_config
-from chat_doctor.files import content_hash
+from chat_doctor.core.files import content_hash
+from chat_doctor.core.layout import RunFolder
+from chat_doctor.core.records import Evaluated, Merged, Tokenized, Trained
+from chat_doctor.training.recipe import train_in_process
 from tasks.merge import run_merge
 from tasks.sample import run_sample
 from tasks.tokenize import run_tokenize
 from tasks.train import run_train
-from tasks.train_recipe import train_in_process
 from tests.conftest import FAST, REAL_ROWS, copy_of_shared, needs_real_rows
 
 pytestmark = pytest.mark.slow
@@ -25,7 +27,7 @@ pytestmark = pytest.mark.slow
 def test_base_loads_in_4bit_through_bitsandbytes(project):
     import bitsandbytes as bnb
 
-    from chat_doctor.modeling import load_base_model
+    from chat_doctor.models.loading import load_base_model
 
     model = load_base_model(load_config("params.yaml").model, quantized=True)
     q_proj = model.model.layers[0].self_attn.q_proj
@@ -51,9 +53,9 @@ def test_a_rerun_of_finished_training_resumes_at_its_end_and_trains_nothing(shar
     run_dir = Path("runs") / shared.run_dir.name
     before = content_hash(run_dir / "adapter")
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-10", "checkpoint-5"]
-    again = run_train(cfg, {"train": "data/tokenized/train.arrow"})
-    assert again["run_dir"] == str(run_dir)  # same data and settings: the same folder
-    assert again["resumed_from"].endswith("checkpoint-10")
+    again = run_train(cfg, Tokenized.at(Path("data/tokenized")))
+    assert again.run.root == run_dir  # same data and settings: the same folder
+    assert again.resumed_from.endswith("checkpoint-10")
     # No step past train.max_steps (the Trainer itself would take one when the last ended mid-epoch).
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-10", "checkpoint-5"]
     assert content_hash(run_dir / "adapter") == before
@@ -109,7 +111,7 @@ def test_packed_batches_attend_only_within_a_row(project, monkeypatch, source):
     (which moves logits by ~1e-1). The last check shows that a leak is caught."""
     import itertools
 
-    from chat_doctor.modeling import load_base_model
+    from chat_doctor.models.loading import load_base_model
 
     overrides = {"data.source": source, "data.rows": 20, "train.max_steps": 1, "train.packing": True, "lora.r": 4}
     cfg = load_config("params.yaml", overrides)
@@ -160,16 +162,16 @@ def test_merge_checks_its_logits_and_a_wrong_merge_saves_nothing(shared, tmp_pat
     from tasks.merge import MergeMismatch
 
     cfg = load_config("params.yaml", FAST)
-    run = tmp_path / "run"
-    shutil.copytree(shared.run_dir / "adapter", run / "adapter")
-    merged = run_merge(cfg, str(run / "adapter"))
-    assert merged["logit_error"] < 1e-5 and merged["adapter_effect_kept"] > 0.999
-    assert merged["merged"] == str(run / "merged")
-    shutil.rmtree(run / "merged")
+    run = RunFolder(root=tmp_path / "run")
+    shutil.copytree(shared.run_dir / "adapter", run.adapter)
+    merged = run_merge(cfg, Trained(run=run))
+    assert merged.logit_error < 1e-5 and merged.adapter_effect_kept > 0.999
+    assert merged.run.merged == tmp_path / "run" / "merged"
+    shutil.rmtree(run.merged)
     monkeypatch.setattr(BaseTuner, "merge_and_unload", lambda self, *a, **k: self.unload())  # adapter dropped
     with pytest.raises(MergeMismatch, match=r"keeps -?0% of the adapter's effect .* not saved"):
-        run_merge(cfg, str(run / "adapter"))
-    assert not (run / "merged").exists()
+        run_merge(cfg, Trained(run=run))
+    assert not run.merged.exists()
 
 
 def test_a_lost_light_adapter_is_caught_in_bf16_too(shared, tmp_path, monkeypatch):
@@ -188,7 +190,7 @@ def test_a_lost_light_adapter_is_caught_in_bf16_too(shared, tmp_path, monkeypatc
     save_file(light, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
     monkeypatch.setattr(BaseTuner, "merge_and_unload", lambda self, *a, **k: self.unload())  # adapter dropped
     with pytest.raises(MergeMismatch) as err:
-        run_merge(cfg, str(adapter))
+        run_merge(cfg, Trained(run=RunFolder(root=adapter.parent)))
     relative = float(str(err.value).split(", ")[1].split("% of the logits")[0]) / 100
     assert "keeps 0% of the adapter's effect" in str(err.value)
     assert 0 < relative < ROUNDING["torch.bfloat16"]  # a fixed bf16 tolerance on the logits would have passed it
@@ -200,9 +202,9 @@ def test_evaluation_report_and_all_or_nothing_registration(shared, tmp_path, mon
     store of their own, where a failure while moving the aliases must leave nothing behind."""
     import mlflow
 
-    from chat_doctor.metrics import METRICS
-    from chat_doctor.model_card import DISCLAIMER
-    from chat_doctor.tracking import start_run, tracking_uri
+    from chat_doctor.evaluation.metrics import METRICS
+    from chat_doctor.tracking.mlflow_runs import start_run, tracking_uri
+    from chat_doctor.tracking.model_card import DISCLAIMER
     from tasks.register import run_register
 
     cfg = load_config("params.yaml", {**FAST, "registry.register_merged": True})
@@ -217,15 +219,18 @@ def test_evaluation_report_and_all_or_nothing_registration(shared, tmp_path, mon
     assert (eval_dir / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| tuned |" in (eval_dir / "summary.md").read_text()
 
-    run = _copy_of_run(shared, tmp_path / "run")
-    out, merged, paths = {"adapter": str(run / "adapter")}, {"merged": str(run / "merged")}, {}
-    paths["report"] = str(run / "eval" / "report.json")
+    run = RunFolder(root=_copy_of_run(shared, tmp_path / "run"))
+    merged = Merged(run=run, logit_error=0.0, adapter_effect_kept=1.0)
+    files = Evaluated(
+        report=run.eval / "report.json", samples=run.eval / "samples.jsonl", summary=run.eval / "summary.md",
+        chart=run.eval / "chart.png",
+    )  # fmt: skip
     (tmp_path / "store").mkdir()
     monkeypatch.chdir(tmp_path / "store")  # a fresh sqlite store with its artifacts beside it
     run_id = start_run("chat-doctor", "test", {}, {})
     lineage = {"dvc.data/processed": "0123abcd", "git_commit": "f" * 40}
-    first = run_register(cfg, run_id, out["adapter"], merged["merged"], paths["report"], lineage)
-    assert first["version"] == 1 and first["aliases"] == ["candidate", "champion"]
+    first = run_register(cfg, run_id, merged, files, lineage)
+    assert first.version == 1 and first.aliases == ["candidate", "champion"]
     client = mlflow.MlflowClient(tracking_uri())
     version = client.get_model_version_by_alias("chat-doctor-adapter", "champion")
     assert (
@@ -233,8 +238,8 @@ def test_evaluation_report_and_all_or_nothing_registration(shared, tmp_path, mon
     )
     assert float(version.tags["eval.tuned.loss"]) == pytest.approx(figures["tuned"]["loss"], rel=1e-5)
     assert int(client.get_model_version_by_alias("chat-doctor-adapter-merged", "champion").version) == 1
-    for folder in (out["adapter"], merged["merged"]):
-        card = (Path(folder) / "README.md").read_text()
+    for folder in (run.adapter, run.merged):
+        card = (folder / "README.md").read_text()
         assert DISCLAIMER in card and "0123abcd" in card and "| tuned |" in card and "Promoted to `champion`" in card
         assert card.startswith("---\nbase_model: tiny\n") and "random weights (seed 1234)" in card
     # MLflow shows front matter as raw text: the registry gets the card without it, and the provenance.
@@ -253,7 +258,7 @@ def test_evaluation_report_and_all_or_nothing_registration(shared, tmp_path, mon
 
     monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", fail_once)
     with pytest.raises(RuntimeError, match="registry went away"):
-        run_register(cfg, run_id, out["adapter"], merged["merged"], paths["report"], lineage)
+        run_register(cfg, run_id, merged, files, lineage)
     for name in ("chat-doctor-adapter", "chat-doctor-adapter-merged"):
         assert [int(v.version) for v in client.search_model_versions(f"name = '{name}'")] == [1]
         assert int(client.get_model_version_by_alias(name, "champion").version) == 1
@@ -274,7 +279,7 @@ def test_profile_env_writes_where_two_training_steps_spend_their_time(project, m
 def test_the_same_seed_and_data_train_the_same_adapter(project, tmp_path):
     """train.seed: same seed + data = same adapter, whatever the process drew before (LoRA's A
     matrices start random); another seed starts from other A matrices."""
-    from chat_doctor.trainer import adapted_model
+    from chat_doctor.training.trainer import adapted_model
 
     cfg = load_config("params.yaml", {"data.rows": 24, "lora.r": 4, "train.max_steps": 1, "train.save_steps": 1})
     tokenized = run_tokenize(cfg.tokenize, cfg.model, run_sample(cfg.data))
@@ -282,8 +287,8 @@ def test_the_same_seed_and_data_train_the_same_adapter(project, tmp_path):
     def adapter(name: str, noise: int) -> dict:
         torch.manual_seed(noise)  # the global generator in another state before each run
         torch.rand(noise)
-        out = train_in_process(cfg, tokenized, run_dir=tmp_path / name)
-        return load_file(Path(out["adapter"]) / "adapter_model.safetensors")
+        out = train_in_process(cfg, tokenized, RunFolder(root=tmp_path / name))
+        return load_file(out.run.adapter / "adapter_model.safetensors")
 
     first, again = adapter("a", 1), adapter("b", 7)
     assert first.keys() == again.keys() and len(first) == 4 * 7 * 2

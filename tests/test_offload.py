@@ -1,11 +1,11 @@
-"""The side-stream offload of checkpointed layer inputs (chat_doctor/offload.py) gives the same
+"""The side-stream offload of checkpointed layer inputs (chat_doctor/training/offload.py) gives the same
 gradients as keeping them on the GPU, and really leaves the GPU. CUDA only: run on a GPU machine."""
 
 import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from chat_doctor.offload import MIN_OFFLOAD_BYTES, _copy_stream, _HostCopies, offloaded
+from chat_doctor.training.offload import MIN_OFFLOAD_BYTES, _copy_stream, _HostCopies, offloaded
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the offload copies from a CUDA GPU")
 

@@ -9,10 +9,10 @@ import pytest
 from accelerate.data_loader import BatchSamplerShard
 
 from chat_doctor.config import ConfigError, build_config, load_config
-from chat_doctor.packing import PackedBatchSampler, pack_rows
+from chat_doctor.training.packing import PackedBatchSampler, pack_rows
+from chat_doctor.training.recipe import train_in_process
 from tasks.sample import run_sample
 from tasks.tokenize import run_tokenize
-from tasks.train_recipe import train_in_process
 
 
 def _lengths(seed: int, n: int, low: int, high: int) -> list[int]:
@@ -86,12 +86,12 @@ def test_a_data_parallel_run_resumed_mid_epoch_needs_the_epoch_told_to_the_sampl
 def test_the_trainer_tells_the_bin_sampler_each_epoch(project):
     from transformers import TrainerState
 
-    from chat_doctor.trainer import build_trainer
+    from chat_doctor.training.trainer import build_trainer
 
     overrides = {"data.rows": 40, "lora.r": 4, "train.packing": True, "train.pack_length": 512}
     cfg = load_config("params.yaml", overrides)
     tokenized = run_tokenize(cfg.tokenize, cfg.model, run_sample(cfg.data))
-    trainer = build_trainer(cfg, tokenized["train"], Path("runs/checkpoints"))
+    trainer = build_trainer(cfg, tokenized.train, Path("runs/checkpoints"))
     trainer.get_train_dataloader()
     state = TrainerState()
     state.epoch = 1.5  # e.g. resumed from a checkpoint halfway through the second epoch
@@ -99,23 +99,23 @@ def test_the_trainer_tells_the_bin_sampler_each_epoch(project):
     assert trainer.packed_sampler.epoch == 1
 
 
-def test_epochs_give_the_steps_that_cover_the_rows_or_bins_once_per_epoch(project, capsys):
-    from chat_doctor.tokenized import load_split
-    from tasks.train import steps_for_epochs
+def test_epochs_give_the_steps_that_cover_the_rows_or_bins_once_per_epoch(project, caplog):
+    from chat_doctor.data.tokenized import load_split
+    from chat_doctor.training.plan import steps_for_epochs
 
     cfg = load_config("params.yaml", {"data.rows": 60, "train.epochs": 2, "train.packing": True})
     tokenized = run_tokenize(cfg.tokenize, cfg.model, run_sample(cfg.data))
-    rows = len(load_split(tokenized["train"]))
+    rows = len(load_split(tokenized.train))
     assert cfg.train.max_steps is None  # until the data is known
-    derived = steps_for_epochs(cfg, tokenized["train"]).train
+    derived = steps_for_epochs(cfg, tokenized.train).train
     assert (derived.max_steps, derived.epochs) == (2 * math.ceil(rows / 8), None)  # 4 x 2 rows a step
-    assert f"train.epochs = 2: {2 * math.ceil(rows / 8)} steps ({rows} rows, 8 a step" in capsys.readouterr().out
+    assert f"train.epochs = 2: {2 * math.ceil(rows / 8)} steps ({rows} rows, 8 a step" in caplog.text
     in_bins = {"train.pack_length": 512, "train.micro_batch_size": 2, "train.grad_accum": 1}
     bins = load_config("params.yaml", {"data.rows": 60, "train.epochs": 0.5, "train.packing": True, **in_bins})
-    lengths = [len(ids) for ids in load_split(tokenized["train"])["input_ids"]]
+    lengths = [len(ids) for ids in load_split(tokenized.train)["input_ids"]]
     per_epoch = math.ceil(len(pack_rows(lengths, 512)) / 2)
-    assert steps_for_epochs(bins, tokenized["train"]).train.max_steps == math.ceil(0.5 * per_epoch)
-    assert steps_for_epochs(load_config("params.yaml"), tokenized["train"]).train.max_steps == 60  # no epochs
+    assert steps_for_epochs(bins, tokenized.train).train.max_steps == math.ceil(0.5 * per_epoch)
+    assert steps_for_epochs(load_config("params.yaml"), tokenized.train).train.max_steps == 60  # no epochs
 
 
 def test_pack_length_is_checked_against_packing_and_the_row_length():
@@ -161,17 +161,19 @@ def test_training_micro_batches_hold_whole_rows_up_to_the_budget(project, monkey
         assert all(batch["labels"][0][s].item() == -100 for s in starts)
     # Bins are filled: a micro-batch holds far more rows than micro_batch_size.
     assert max(int((b["position_ids"][0] == 0).sum()) for b in seen) > 2
-    assert (Path(out["adapter"]) / "adapter_model.safetensors").is_file()
+    assert (out.run.adapter / "adapter_model.safetensors").is_file()
 
 
 def test_out_of_memory_halves_the_bins_of_a_micro_batch_then_names_pack_length(tmp_path):
     import json
 
-    from tasks.train import TrainingFailed, _halve_micro_batch
+    from chat_doctor.core.layout import RunFolder
+    from chat_doctor.training.launch import TrainingFailed, halve_micro_batch
 
     cfg = build_config({"preset": "mistral-7b"})  # 4 bins x 4 a step
-    assert "2 x 8 (same effective batch)" in _halve_micro_batch(cfg, tmp_path, "CUDA out of memory")
+    run = RunFolder(root=tmp_path)
+    assert "2 x 8 (same effective batch)" in halve_micro_batch(cfg, run, "CUDA out of memory")
     assert json.loads((tmp_path / "micro_batch.json").read_text()) == {"micro_batch_size": 2, "grad_accum": 8}
     one = cfg.model_copy(update={"train": cfg.train.model_copy(update={"micro_batch_size": 1, "grad_accum": 16})})
     with pytest.raises(TrainingFailed, match=re.escape("lower train.pack_length (and tokenize.max_length)")):
-        _halve_micro_batch(one, tmp_path, "CUDA out of memory")
+        halve_micro_batch(one, run, "CUDA out of memory")

@@ -11,7 +11,7 @@ import pytest
 from bench.processes import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-CHOOSE = "from chat_doctor.prefect_api import api_url_for_this_run as f; print('->', f())"
+CHOOSE = "from flows.finetune import api_url_for_this_run as f; print('->', f())"  # as the flow CLI runs it
 
 
 def choose(folder: Path, **env: str) -> subprocess.CompletedProcess:
@@ -29,13 +29,16 @@ def record(folder: Path, url: str) -> None:
 def test_no_server_recorded_or_configured_means_a_temporary_one(tmp_path):
     done = choose(tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "-> None" in done.stdout and "a temporary server for this run" in done.stdout
+    assert "-> None" in done.stdout and "a temporary server for this run" in done.stdout + done.stderr
 
 
 def test_the_project_server_is_used_while_it_answers_and_not_once_stopped(tmp_path, prefect_server):
     record(tmp_path, prefect_server)
     done = choose(tmp_path)
-    assert f"this project's server at {prefect_server}" in done.stdout and f"-> {prefect_server}" in done.stdout
+    assert (
+        f"this project's server at {prefect_server}" in done.stdout + done.stderr
+        and f"-> {prefect_server}" in done.stdout
+    )
     (tmp_path / ".local" / "prefect-api-url").write_text(f"http://127.0.0.1:{free_port()}/api\n")  # after make stop
     done = choose(tmp_path)
     assert done.returncode == 0 and "-> None" in done.stdout, done.stdout + done.stderr
@@ -58,4 +61,4 @@ def test_a_flow_run_from_the_command_line_after_make_stop(project):
     command = [sys.executable, "-m", "flows.finetune", *overrides]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "a temporary server for this run" in done.stdout and "'version': 1" in done.stdout
+    assert "a temporary server for this run" in done.stdout + done.stderr and "'version': 1" in done.stdout

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from chat_doctor.config import ConfigError, build_config
-from chat_doctor.preflight import check_device
+from chat_doctor.training.preflight import check_device
 
 
 def test_a_t4_class_gpu_is_told_every_key_the_preset_needs_changed(monkeypatch):

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from chat_doctor import faults
+from chat_doctor.core import faults
+from chat_doctor.training.callbacks import callbacks
 from tests.conftest import QUICK_EVAL
 
 STEPS = {"train.max_steps": 6, "train.save_steps": 2, "train.logging_steps": 1, **QUICK_EVAL}
@@ -34,7 +35,7 @@ def test_sigkill_while_a_checkpoint_is_written_resumes_from_the_one_before(proje
     """SIGKILL while checkpoint-4 is written: that checkpoint is left unmarked (a torn one), and the
     next attempt ignores it, resumes from checkpoint-2 and finishes."""
     from chat_doctor.config import load_config
-    from chat_doctor.train_callbacks import COMPLETE
+    from chat_doctor.training.callbacks import COMPLETE
     from tasks.sample import run_sample
     from tasks.tokenize import run_tokenize
     from tasks.train import TrainingFailed, run_train
@@ -47,20 +48,20 @@ def test_sigkill_while_a_checkpoint_is_written_resumes_from_the_one_before(proje
     checkpoints = next(Path("runs").glob("run-*")) / "checkpoints"
     assert (checkpoints / "checkpoint-4").is_dir() and not (checkpoints / "checkpoint-4" / COMPLETE).exists()
     out = run_train(cfg, tokenized)  # a retry, as Prefect or the next deployment run makes it
-    assert out["resumed_from"].endswith("checkpoint-2")
+    assert out.resumed_from.endswith("checkpoint-2")
     assert (checkpoints / "checkpoint-4" / COMPLETE).is_file()
-    assert (Path(out["adapter"]) / "adapter_model.safetensors").is_file()
+    assert (out.run.adapter / "adapter_model.safetensors").is_file()
 
 
-def test_evaluation_halves_its_batch_after_out_of_memory(monkeypatch, capsys):
+def test_evaluation_halves_its_batch_after_out_of_memory(monkeypatch, caplog):
     """Out-of-memory at eval batch 8: the work is redone at batch 4; at batch 1 it stops with a message."""
-    from tasks.evaluate import with_smaller_batches
+    from chat_doctor.evaluation.scoring import with_smaller_batches
 
     arm(monkeypatch, eval_oom_at_batch=8)
     sizes = []
     assert with_smaller_batches(lambda b: sizes.append(b) or b * 10, 8, "eval loss") == 40
     assert sizes == [4]
-    assert "eval loss: out of memory, retrying with evaluate.batch_size 4" in capsys.readouterr().out
+    assert "eval loss: out of memory, retrying with evaluate.batch_size 4" in caplog.text
     arm(monkeypatch, eval_oom_at_batch=1)
     with pytest.raises(RuntimeError, match=r"generation: out of memory at evaluate\.batch_size 1"):
         with_smaller_batches(lambda b: b, 1, "generation")
@@ -71,11 +72,12 @@ def test_faults_are_off_unless_armed_and_unknown_ones_are_refused(monkeypatch, t
     for old in ("CHAT_DOCTOR_OOM_AT_STEP", "CHAT_DOCTOR_KILL_AT_SAVE", "CHAT_DOCTOR_FAIL_AT_STEP"):
         monkeypatch.setenv(old, "1")
     monkeypatch.delenv(faults.FAULTS_ENV, raising=False)
-    assert faults.planned() == {} and faults.trainer_callbacks(tmp_path) == []
+    installed = [type(c).__name__ for c in callbacks(tmp_path, None)]
+    assert faults.planned() == {} and installed == ["MlflowLogger", "Progress", "MarkComplete"]
     faults.eval_out_of_memory(1)  # nothing raised
     faults.kill_in_register(tmp_path)  # nothing killed
     assert not list(tmp_path.iterdir())
     with pytest.raises(ValueError, match="'oom_at=3' is not NAME=VALUE with NAME one of oom_at_step"):
         faults.env(oom_at=3)
     arm(monkeypatch, oom_at_step=3)
-    assert [type(c).__name__ for c in faults.trainer_callbacks(tmp_path)] == ["FaultInjector"]
+    assert "FaultInjector" in [type(c).__name__ for c in callbacks(tmp_path, None)]

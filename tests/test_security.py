@@ -14,7 +14,7 @@ import mlflow
 import pytest
 
 from chat_doctor.config import build_config
-from chat_doctor.tracking import tracking_uri
+from chat_doctor.tracking.mlflow_runs import tracking_uri
 from tests.conftest import PLANTED_TOKEN
 
 TOKEN = PLANTED_TOKEN  # in the environment of the shared run (tests/conftest.py)
@@ -101,8 +101,8 @@ def test_a_token_given_as_config_is_refused_and_not_echoed(monkeypatch):
 
 
 def test_an_adapter_offered_only_as_a_pickle_is_refused_unopened(tmp_path):
-    from chat_doctor.chat_model import load_chat_model
-    from chat_doctor.modeling import UnsafeWeights, load_adapter, load_base_model
+    from chat_doctor.models.loading import UnsafeWeights, load_adapter, load_base_model
+    from chat_doctor.serving.chat_model import load_chat_model
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()
@@ -122,16 +122,14 @@ def test_an_adapter_offered_only_as_a_pickle_is_refused_unopened(tmp_path):
 def test_resuming_from_a_poisoned_checkpoint_does_not_run_its_pickles(project, tmp_path):
     """Trainer state files are loaded with weights_only=True: a planted pickle fails to load, unrun."""
     from chat_doctor.config import load_config
-    from chat_doctor.train_callbacks import COMPLETE
+    from chat_doctor.training.callbacks import COMPLETE
+    from chat_doctor.training.recipe import train_in_process
     from tasks.sample import run_sample
     from tasks.tokenize import run_tokenize
-    from tasks.train import run_dir_for
-    from tasks.train_recipe import train_in_process
 
     cfg = load_config("params.yaml", {"train.max_steps": 2, "train.save_steps": 1})
     tokenized = run_tokenize(cfg.tokenize, cfg.model, run_sample(cfg.data))
-    train_in_process(cfg, tokenized)
-    run_dir = run_dir_for(cfg, tokenized)
+    run_dir = train_in_process(cfg, tokenized).run.root
     # As if killed after checkpoint-1: the later checkpoint and the adapter never got written.
     shutil.rmtree(run_dir / "checkpoints" / "checkpoint-2")
     shutil.rmtree(run_dir / "adapter")
@@ -146,7 +144,7 @@ def test_resuming_from_a_poisoned_checkpoint_does_not_run_its_pickles(project, t
 
 
 def test_remote_code_in_a_model_folder_is_not_run_by_default(tmp_path, tiny_model_dir):
-    from chat_doctor.modeling import load_base_model
+    from chat_doctor.models.loading import load_base_model
 
     folder = tmp_path / "model-with-code"
     shutil.copytree(tiny_model_dir, folder)

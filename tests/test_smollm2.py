@@ -10,7 +10,7 @@ import pytest
 from safetensors import safe_open
 
 from chat_doctor.config import ModelConfig, TokenizeConfig, load_config
-from chat_doctor.prompts import build_prompt
+from chat_doctor.data.prompts import build_prompt
 
 pytestmark = pytest.mark.slow
 QUERY = "I have had a headache for three days and a mild fever. What should I do?"
@@ -18,14 +18,14 @@ QUERY = "I have had a headache for three days and a mild fever. What should I do
 
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory) -> Path:
-    from chat_doctor.embedded import ensure_smollm2
+    from chat_doctor.models.embedded import ensure_smollm2
 
     return ensure_smollm2(tmp_path_factory.mktemp("smollm2") / "smollm2-135m")
 
 
 def test_built_offline_as_a_plain_llama_folder_whose_pad_is_not_eos(smollm2_dir):
-    from chat_doctor.modeling import load_tokenizer
-    from chat_doctor.tokenized import IGNORE_INDEX, tokenize_row
+    from chat_doctor.data.tokenized import IGNORE_INDEX, tokenize_row
+    from chat_doctor.models.loading import load_tokenizer
 
     config = json.loads((smollm2_dir / "config.json").read_text())
     assert (config["model_type"], config["num_hidden_layers"], config["vocab_size"]) == ("llama", 30, 49152)
@@ -51,7 +51,7 @@ def test_loads_in_4bit_through_bitsandbytes_and_answers_in_english(smollm2_dir):
     import bitsandbytes as bnb
     import torch
 
-    from chat_doctor.modeling import load_base_model, load_tokenizer
+    from chat_doctor.models.loading import load_base_model, load_tokenizer
 
     model_cfg = ModelConfig(base=str(smollm2_dir))
     model = load_base_model(model_cfg, quantized=True)
@@ -71,7 +71,7 @@ def test_the_demo_preset_runs_the_flow_on_the_real_model(project, prefect_server
     """The shipped default (smollm2-135m) end to end, shortened: registered, evaluated, English."""
     import mlflow
 
-    from chat_doctor.tracking import tracking_uri
+    from chat_doctor.tracking.mlflow_runs import tracking_uri
     from flows.finetune import finetune
 
     shutil.copytree(smollm2_dir, Path("models") / "smollm2-135m")
@@ -118,7 +118,7 @@ def test_the_demo_preset_runs_the_flow_on_the_real_model(project, prefect_server
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from chat_doctor.gguf_export import export_gguf
+    from chat_doctor.serving.gguf_export import export_gguf
     from tests.test_gguf_export import TOLERANCE
 
     files = export_gguf("candidate", project / "out", load_config("params.yaml"), tuple(TOLERANCE))

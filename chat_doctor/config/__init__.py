@@ -1,4 +1,5 @@
-"""One typed config for the whole pipeline, read from params.yaml and validated once.
+"""Config: one typed config for the whole pipeline, read from params.yaml and validated once. May
+import chat_doctor.core only (the names it validates come from core.choices).
 
 Resolution order (later wins): the preset named by `preset` -> the sections of params.yaml ->
 dotted overrides such as `train.max_steps=20`. Every error names the key to change.
@@ -16,34 +17,18 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from chat_doctor.config.after_training import ChatConfig, EvaluateConfig, ExportConfig, MergeConfig, RegisterConfig
-from chat_doctor.config.common import (
-    EMBEDDED,
-    PARAMS_FILE,
-    PROCESSED_DIR,
-    RUNS_ROOT,
-    SMOLLM2,
-    TINY,
-    TOKENIZED_DIR,
-    ConfigError,
-    Section,
-    is_local,
-)
-from chat_doctor.config.model_data import DataConfig, ModelConfig, TokenizeConfig
+from chat_doctor.config.common import ConfigError, Section
+from chat_doctor.config.model_data import Column, DataConfig, ModelConfig, TokenizeConfig
 from chat_doctor.config.overrides import cli_overrides, parse_overrides
 from chat_doctor.config.presets import PRESETS, deep_merge
 from chat_doctor.config.secrets import HUB_TOKEN_ENV, SECRET_KEY, redact
 from chat_doctor.config.training import LoraConfig, TrainConfig, effective_batch, split_for_processes
+from chat_doctor.core.layout import PARAMS_FILE, RUNS_ROOT
 
 __all__ = [
-    "EMBEDDED",
-    "PARAMS_FILE",
     "PRESETS",
-    "PROCESSED_DIR",
-    "RUNS_ROOT",
-    "SMOLLM2",
-    "TINY",
-    "TOKENIZED_DIR",
     "ChatConfig",
+    "Column",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -60,7 +45,6 @@ __all__ = [
     "deep_merge",
     "effective_batch",
     "flatten",
-    "is_local",
     "load_config",
     "parse_overrides",
     "read_params",

@@ -7,8 +7,10 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from chat_doctor.config.common import Section, is_local
-from chat_doctor.metrics import RANKED
+from chat_doctor.config.common import Section
+from chat_doctor.core.choices import RankedMetric
+from chat_doctor.core.files import is_local
+from chat_doctor.core.layout import RUNS_ROOT
 
 
 class MergeConfig(Section):
@@ -55,7 +57,7 @@ class RegisterConfig(Section):
     champion_alias: str = Field(
         "champion", min_length=1, description="Alias moved only when a version beats the base and the champion."
     )
-    promote_metric: Literal[RANKED] = Field(
+    promote_metric: RankedMetric = Field(
         "loss", description="What promotion compares. Loss is the least noisy on small eval sets."
     )
     min_improvement: float = Field(
@@ -105,6 +107,6 @@ class ExportConfig(Section):
     @classmethod
     def _inside_runs(cls, value: str) -> str:
         parts = Path(value).parts
-        if Path(value).is_absolute() or ".." in parts or not parts or parts[0] != "runs":
-            raise ValueError("outputs stay in the project's runs/ folder: use runs/<name>")
+        if Path(value).is_absolute() or ".." in parts or not parts or parts[0] != RUNS_ROOT:
+            raise ValueError(f"outputs stay in the project's {RUNS_ROOT}/ folder: use {RUNS_ROOT}/<name>")
         return value

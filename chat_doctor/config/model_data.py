@@ -7,8 +7,9 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from chat_doctor.config.common import EMBEDDED, HUB_ID, TINY, Section, is_local
-from chat_doctor.sources import source_kinds
+from chat_doctor.config.common import HUB_ID, Section
+from chat_doctor.core.choices import EMBEDDED, SOURCE_KINDS, TINY, Template
+from chat_doctor.core.files import is_local
 
 
 class ModelConfig(Section):
@@ -42,20 +43,21 @@ class ModelConfig(Section):
         return value
 
 
-DEFAULT_COLUMNS = {"instruction": "instruction", "input": "input", "output": "output"}
+Column = Literal["instruction", "input", "output"]  # the fields of a row (HealthCareMagic's schema)
+DEFAULT_COLUMNS: dict[Column, str] = {"instruction": "instruction", "input": "input", "output": "output"}
 
 
 class DataConfig(Section):
     source: str = Field(
         "data/raw/synthetic_healthcaremagic.jsonl",
-        description=f"Where the rows come from: {source_kinds()}.",
+        description=f"Where the rows come from: {', '.join(SOURCE_KINDS)}.",
     )
     revision: str | None = Field(None, description="Hub dataset revision; pin it for reproducibility.")
     split: str = Field("train", description="Split of a hub dataset (or of a DatasetDict folder).")
     rows: int = Field(400, gt=0, description="Rows sampled from the source (before the split).")
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="Share of the sample held out for evaluation.")
     seed: int = Field(42, description="Sampling and split seed: same seed + same source = same files.")
-    columns: dict[Literal["instruction", "input", "output"], str] = Field(
+    columns: dict[Column, str] = Field(
         DEFAULT_COLUMNS,
         description="Source column for each field; e.g. {input: question, output: answer}. instruction is optional.",
     )
@@ -72,12 +74,12 @@ class DataConfig(Section):
 
     @field_validator("columns")
     @classmethod
-    def _fill_columns(cls, value: dict[str, str]) -> dict[str, str]:
+    def _fill_columns(cls, value: dict[Column, str]) -> dict[Column, str]:
         return {**DEFAULT_COLUMNS, **value}  # name only the columns that differ
 
 
 class TokenizeConfig(Section):
-    template: Literal["original", "mistral-inst", "chatml"] = Field(
+    template: Template = Field(
         "original",
         description="`original`: the Chat-Doctor prompt; `mistral-inst`: [INST] ... [/INST]; `chatml`: "
         "<|im_start|>user ... <|im_end|> (SmolLM2, Qwen and other ChatML instruct models).",

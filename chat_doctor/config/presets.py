@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from chat_doctor.config.common import SMOLLM2
+from chat_doctor.core.choices import SMOLLM2
 
 
 def deep_merge(base: dict, update: dict) -> dict:

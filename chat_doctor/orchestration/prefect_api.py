@@ -1,0 +1,48 @@
+"""Which Prefect server a command-line flow run reports to, without touching the user's profile.
+
+`PREFECT_API_URL` (environment or Prefect profile) wins when it is set, and must answer. Otherwise
+the project's own server, which `make server` records in .local/prefect-api-url, while it answers;
+otherwise Prefect's temporary server for this one process (after `make stop`, or on a fresh clone).
+"""
+
+from __future__ import annotations
+
+import urllib.request
+
+from chat_doctor.core.layout import STATE_DIR
+from chat_doctor.core.logs import get_logger
+
+logger = get_logger(__name__)
+
+RECORDED = STATE_DIR / "prefect-api-url"
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=3):
+            return True
+    except OSError:
+        return False
+
+
+def api_url_for_this_run() -> str | None:
+    """The server to use when none is configured (None: Prefect's temporary one); raises when a
+    configured one does not answer, saying how to go on."""
+    from prefect.settings import PREFECT_API_URL
+
+    configured = PREFECT_API_URL.value()
+    if configured:
+        if not _answers(configured):
+            raise SystemExit(
+                f"PREFECT_API_URL = {configured} does not answer. Start that server (`make server` for the "
+                "project's), or unset PREFECT_API_URL (`unset PREFECT_API_URL`, and `prefect config unset "
+                "PREFECT_API_URL` if your Prefect profile sets it) to run on a temporary server."
+            )
+        return None
+    if RECORDED.is_file():
+        url = RECORDED.read_text().strip()
+        if url and _answers(url):
+            logger.info("Prefect: this project's server at %s", url)
+            return url
+    logger.info("Prefect: a temporary server for this run (start the project's with `make server` to keep its history)")
+    return None

@@ -1,0 +1,27 @@
+"""Step `prepare-config`: the run's config, validated with this machine and the base's files before
+any data step, so a bad value fails in seconds with nothing pushed or rewritten.
+
+Reads params.yaml and the run's dotted overrides. Output: the validated Config (errors name the key).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+
+from chat_doctor.config import Config, load_config
+from chat_doctor.training.preflight import check_before_data
+
+
+def run_prepare(params_file: str, overrides: dict[str, Any]) -> Config:
+    cfg = load_config(params_file, overrides)
+    check_before_data(cfg)
+    return cfg
+
+
+@task(name="prepare-config")
+def prepare_config(params_file: str, overrides: dict[str, Any]) -> Config:
+    """Validate params.yaml + overrides, this machine and the base's files (errors name the key)
+    before any data step runs."""
+    return run_prepare(params_file, overrides)
