@@ -88,3 +88,15 @@ def test_the_flow_reads_as_the_chain_of_steps():
     source = (REPO / "flows" / "finetune.py").read_text()
     assert len(source.splitlines()) < 120
     assert "print(" not in source.split("def main")[0]  # the flow logs through its steps
+
+
+def test_every_console_script_names_a_function_that_exists():
+    """pyproject's [project.scripts] entry points (chat-doctor-models, ...) resolve after a move."""
+    import importlib
+    import tomllib
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {"chat-doctor-finetune", "chat-doctor-models", "chat-doctor-chat"} <= set(scripts)
+    for name, target in scripts.items():
+        module, _, function = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), function, None)), f"{name} = {target}"
