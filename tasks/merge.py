@@ -11,8 +11,13 @@ base's logits, or nothing is saved.
 
 from __future__ import annotations
 
-from chat_doctor.config import Config
-from chat_doctor.core.files import atomic_dir
+import hashlib
+import json
+
+from chat_doctor.config import Config, section_hash
+from chat_doctor.core.files import atomic_dir, content_hash, file_lock, write_json
+from chat_doctor.core.layout import RunFolder
+from chat_doctor.core.logs import get_logger
 from chat_doctor.core.records import DataVersion, Merged, Trained
 from chat_doctor.data.prompts import build_example
 from chat_doctor.models.loading import load_adapter, load_base_model, load_tokenizer
@@ -34,6 +39,10 @@ CHECKS = [  # (query, answer) pairs in the training template
 ]
 
 
+MERGE_RECORD = "merge.json"  # in the merged folder: what it was made from, and its check's figures
+logger = get_logger(__name__)
+
+
 class MergeMismatch(RuntimeError):
     """The merged weights do not reproduce base + adapter: nothing is written."""
 
@@ -52,7 +61,23 @@ def _logits(model, tokenizer, template: str):
 
 def run_merge(cfg: Config, trained: Trained, data: DataVersion | None = None) -> Merged:
     """Merge the trained adapter into the base, judge the logits, save; return the figures."""
-    run, adapter = trained.run, str(trained.run.adapter)
+    run = trained.run
+    with file_lock(run.lock, f"waiting for another run that merges the same adapter in {run.root}"):
+        return _merge(cfg, run, data)
+
+
+def _merge_key(cfg: Config, run: RunFolder) -> str:
+    """What a merged model is made from: the adapter's weights and config, and the settings."""
+    adapter = [content_hash(run.adapter / name) for name in ("adapter_model.safetensors", "adapter_config.json")]
+    return hashlib.sha256(json.dumps([*adapter, section_hash(cfg.model, cfg.merge, cfg.tokenize)]).encode()).hexdigest()
+
+
+def _merge(cfg: Config, run: RunFolder, data: DataVersion | None) -> Merged:
+    key, record = _merge_key(cfg, run), run.merged / MERGE_RECORD
+    if record.is_file() and (made := json.loads(record.read_text()))["key"] == key:
+        logger.info("%s holds this adapter merged with these settings already: reused", run.merged)
+        return Merged(run=run, logit_error=made["logit_error"], adapter_effect_kept=made["adapter_effect_kept"])
+    adapter = str(run.adapter)
     tokenizer = load_tokenizer(cfg.model, adapter)
     base = load_base_model(cfg.model, quantized=False, dtype_name=cfg.merge.dtype, on_cpu=cfg.merge.device == "cpu")
     with_adapter = load_adapter(base, adapter)
@@ -80,6 +105,7 @@ def run_merge(cfg: Config, trained: Trained, data: DataVersion | None = None) ->
         merged_model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         (staging / "README.md").write_text(render_card(cfg, data.tags if data else {}, None, None, "merged"))
+        write_json(staging / MERGE_RECORD, {"key": key, "logit_error": error, "adapter_effect_kept": kept})
     return Merged(run=run, logit_error=error, adapter_effect_kept=kept)
 
 

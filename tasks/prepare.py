@@ -11,17 +11,18 @@ from typing import Any
 from prefect import task
 
 from chat_doctor.config import Config, load_config
+from chat_doctor.core.layout import PARAMS_FILE
 from chat_doctor.training.preflight import check_before_data
 
 
-def run_prepare(params_file: str, overrides: dict[str, Any]) -> Config:
-    cfg = load_config(params_file, overrides)
+def run_prepare(overrides: dict[str, Any]) -> Config:
+    cfg = load_config(PARAMS_FILE, overrides)
     check_before_data(cfg)
     return cfg
 
 
 @task(name="prepare-config")
-def prepare_config(params_file: str, overrides: dict[str, Any]) -> Config:
+def prepare_config(overrides: dict[str, Any]) -> Config:
     """Validate params.yaml + overrides, this machine and the base's files (errors name the key)
     before any data step runs."""
-    return run_prepare(params_file, overrides)
+    return run_prepare(overrides)

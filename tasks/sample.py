@@ -4,8 +4,8 @@ Reads params section `data`. Input: a hub dataset id (with revision and split), 
 .json/.jsonl/.csv/.parquet file or `save_to_disk` folder. Outputs in `data/processed/`:
 `train.jsonl`, `eval.jsonl` (one row per line, keys instruction/input/output) and `report.json`
 (counts and the source's content fingerprint). Same source + same config = byte-identical files.
-Run alone with `python -m tasks.sample` (what `dvc repro` does). In the flow the step is cached on
-its config section and the source's content, while data/processed still holds what it made.
+This is dvc.yaml's `sample` stage (`python -m tasks.sample`): the flow's `data` step runs it in the
+run's DVC experiment (tasks/data.py), `dvc repro` in the workspace.
 """
 
 from __future__ import annotations
@@ -15,17 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from chat_doctor.config import DataConfig, load_config, section_hash
+from chat_doctor.config import DataConfig, load_config
 from chat_doctor.core.files import write_json, write_jsonl
 from chat_doctor.core.layout import PROCESSED_DIR
-from chat_doctor.core.logs import get_logger
 from chat_doctor.core.records import Processed
 from chat_doctor.data.rows import REQUIRED, clean_rows
-from chat_doctor.data.sources import DataError, open_source, source_fingerprint, source_identity
-from chat_doctor.orchestration import step_cache
-from chat_doctor.orchestration.steps import given_key, step
-
-logger = get_logger(__name__)
+from chat_doctor.data.sources import DataError, open_source, source_fingerprint
 
 
 def _length_stats(rows: list[dict], field: str) -> dict:
@@ -66,30 +61,6 @@ def run_sample(cfg: DataConfig, out_dir: Path = PROCESSED_DIR) -> Processed:
     write_jsonl(out.eval, evaluation)
     write_json(out.report, {**counts, "source": cfg.source, "fingerprint": source_fingerprint(cfg, dataset)})
     return out
-
-
-# The Prefect task.
-
-
-@step("sample", cache_key_fn=given_key)
-def _sample(cfg: DataConfig, key: str) -> Processed:
-    if not Path(cfg.source).expanduser().exists() and not cfg.revision:
-        logger.warning(
-            "data.source %r has no data.revision: the cache and DVC cannot see a new commit of the dataset; "
-            "pin data.revision for a reproducible run",
-            cfg.source,
-        )
-    processed = run_sample(cfg)
-    step_cache.record("sample", key, PROCESSED_DIR)
-    return processed
-
-
-def sample(cfg: DataConfig) -> Processed:
-    """The step as the flow runs it: keyed on its config section and the source's content, and taken
-    from Prefect's cache only while data/processed still holds what it made under that key."""
-    key = step_cache.cache_key("sample", section_hash(cfg), source_identity(cfg))
-    fresh = step_cache.still_holds("sample", key, PROCESSED_DIR)
-    return _sample.with_options(refresh_cache=not fresh)(cfg, key)
 
 
 def main(argv: list[str] | None = None) -> None:

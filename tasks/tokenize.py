@@ -5,8 +5,8 @@ Reads params sections `tokenize` and `model` (for the tokenizer). Inputs: `data/
 with `input_ids` and `labels`, loadable with `datasets.Dataset.from_file`) and `report.json`.
 Every row ends in EOS and its label is kept, so the model learns to stop; with `loss_on:
 completion` the prompt's labels are -100. Rows longer than `max_length` lose the end of the answer
-but keep the EOS. Run alone with `python -m tasks.tokenize`. In the flow the step is cached on its
-config sections and the processed rows' content, while data/tokenized still holds what it made.
+but keep the EOS. This is dvc.yaml's `tokenize` stage (`python -m tasks.tokenize`): the flow's `data`
+step runs it in the run's DVC experiment (tasks/data.py), `dvc repro` in the workspace.
 """
 
 from __future__ import annotations
@@ -15,14 +15,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from chat_doctor.config import ModelConfig, TokenizeConfig, load_config, section_hash
-from chat_doctor.core.files import content_hash, read_jsonl, write_json
+from chat_doctor.config import ModelConfig, TokenizeConfig, load_config
+from chat_doctor.core.files import read_jsonl, write_json
 from chat_doctor.core.layout import PROCESSED_DIR, TOKENIZED_DIR
 from chat_doctor.core.records import Processed, Tokenized
 from chat_doctor.data.tokenized import IGNORE_INDEX, tokenize_row, write_split
 from chat_doctor.models.loading import load_tokenizer
-from chat_doctor.orchestration import step_cache
-from chat_doctor.orchestration.steps import given_key, step
 
 
 def run_tokenize(
@@ -54,25 +52,6 @@ def run_tokenize(
         report["splits"][split] = {**counts, "padding_share_if_padded": padding}
     write_json(out.report, report)
     return out
-
-
-# The Prefect task.
-
-
-@step("tokenize", cache_key_fn=given_key)
-def _tokenize(cfg: TokenizeConfig, model_cfg: ModelConfig, processed: Processed, key: str) -> Tokenized:
-    tokenized = run_tokenize(cfg, model_cfg, processed)
-    step_cache.record("tokenize", key, TOKENIZED_DIR)
-    return tokenized
-
-
-def tokenize(cfg: TokenizeConfig, model_cfg: ModelConfig, processed: Processed) -> Tokenized:
-    """The step as the flow runs it: keyed on its config sections and the processed rows' content,
-    and taken from Prefect's cache only while data/tokenized still holds what it made under that key."""
-    inputs = [content_hash(path) for path in (processed.train, processed.eval)]
-    key = step_cache.cache_key("tokenize", section_hash(cfg, model_cfg), *inputs)
-    fresh = step_cache.still_holds("tokenize", key, TOKENIZED_DIR)
-    return _tokenize.with_options(refresh_cache=not fresh)(cfg, model_cfg, processed, key)
 
 
 def main(argv: list[str] | None = None) -> None:

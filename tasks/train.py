@@ -26,7 +26,7 @@ from typing import Any
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from chat_doctor.config import Config, ConfigError, split_for_processes
-from chat_doctor.core.files import write_json
+from chat_doctor.core.files import file_lock, write_json
 from chat_doctor.core.layout import RUNS_ROOT, RunFolder
 from chat_doctor.core.logs import get_logger
 from chat_doctor.core.records import Tokenized, Trained
@@ -42,7 +42,7 @@ from chat_doctor.training.launch import (
     outcomes,
     processes,
 )
-from chat_doctor.training.plan import run_folder_for, steps_for_epochs
+from chat_doctor.training.plan import finished, run_folder_for, steps_for_epochs
 from chat_doctor.training.preflight import check_device
 
 logger = get_logger(__name__)
@@ -68,6 +68,19 @@ def run_train(
     split_for_processes(cfg.train, world)  # refuses a batch that does not split, before anything loads
     cfg = steps_for_epochs(cfg, tokenized.train)
     run = run_folder_for(cfg, tokenized.train)
+    waiting = f"waiting for another run that trains the same data and settings in {run.root}"
+    with file_lock(run.lock, waiting):
+        return _attempt(cfg, tokenized, run, mlflow_run_id, world, on_progress)
+
+
+def _attempt(
+    cfg: Config, tokenized: Tokenized, run: RunFolder, mlflow_run_id: str | None, world: int, on_progress
+) -> Trained:
+    """One training attempt in `run`, the run folder's lock held."""
+    assert cfg.train.max_steps is not None  # derived from the epochs above
+    if done := finished(run, cfg.train.max_steps):  # no process to start for a training that is done
+        logger.info("training finished in %s before (checkpoint %s); its adapter is reused", run.root, Path(done).name)
+        return Trained(run=run, resumed_from=done)
     cfg = apply_micro_batch(cfg, run)
     attempt = {
         "config": cfg.model_dump(),

@@ -121,6 +121,18 @@ class SharedRun:
     second: object  # the same data, fewer steps (v2, candidate only)
     base_hash: str  # the tiny base's content hash before anything trained on it
     run_dir: Path  # the first run's folder: checkpoints, adapter, merged model, eval
+    eval_dir: Path  # the first run's evaluation: report, samples, summary, chart
+
+    @property
+    def processed(self) -> Path:
+        """Both runs' processed rows (one folder: the same data), relative to the project."""
+        (folder,) = (self.root / "runs" / "data").glob("processed-*")
+        return folder.relative_to(self.root)
+
+    @property
+    def tokenized(self) -> Path:
+        (folder,) = (self.root / "runs" / "data").glob("tokenized-*")
+        return folder.relative_to(self.root)
 
 
 @pytest.fixture(scope="session")
@@ -129,9 +141,10 @@ def shared_run(tmp_path_factory, tiny_model_dir, prefect_server) -> SharedRun:
 
     Run 1 (FAST) has a hub token in its environment and meets an injected out-of-memory at step 7
     (Prefect retries `train` at half the micro-batch, resuming from checkpoint-5): it registers v1,
-    champion. Run 2 (SHORTER) takes its data steps from Prefect's cache and registers v2, which does
-    not beat v1 and stays candidate. Tests only read this project; one that changes the registry
-    puts it back, and one that needs to write works on a copy (`copy_of_shared`).
+    champion. Run 2 (SHORTER) gets its data from DVC's run cache (its own experiment, the same data)
+    and registers v2, which does not beat v1 and stays candidate. Tests only read this project; one
+    that changes the registry puts it back, and one that needs to write works on a copy
+    (`copy_of_shared`).
     """
     from chat_doctor.core import faults
     from chat_doctor.core.files import content_hash
@@ -150,9 +163,10 @@ def shared_run(tmp_path_factory, tiny_model_dir, prefect_server) -> SharedRun:
             first = finetune(overrides=FAST, return_state=True)
         assert first.is_completed(), first.message
         (run_dir,) = [p.parent.parent for p in (root / "runs").glob("run-*/checkpoints/checkpoint-10")]
+        (eval_dir,) = (run_dir / "eval").iterdir()
         second = finetune(overrides=SHORTER, return_state=True)
         assert second.is_completed(), second.message
-    return SharedRun(root, first, second, base_hash, run_dir)
+    return SharedRun(root, first, second, base_hash, run_dir, eval_dir)
 
 
 @pytest.fixture
@@ -167,6 +181,23 @@ def copy_of_shared(shared_run: SharedRun, dest: Path) -> Path:
     """A copy of the shared project to change (its MLflow store still points at the original's
     artifacts, which a copy only reads)."""
     return Path(shutil.copytree(shared_run.root, dest, symlinks=True))
+
+
+def data_folders(tags: dict) -> tuple[Path, Path]:
+    """The processed and tokenized folders a run trained on, from its lineage tags."""
+    return tuple(  # type: ignore[return-value]
+        Path("runs/data") / f"{Path(out).name}-{tags[f'dvc.{out}'].removesuffix('.dir')}"
+        for out in ("data/processed", "data/tokenized")
+    )
+
+
+def experiment_params(tags: dict) -> dict:
+    """params.yaml as the run's DVC experiment holds it."""
+    import yaml
+
+    rev = tags["dvc.experiment_rev"]
+    shown = subprocess.run(["git", "show", f"{rev}:params.yaml"], capture_output=True, text=True, check=True)
+    return yaml.safe_load(shown.stdout)
 
 
 def needs_real_rows():

@@ -19,15 +19,15 @@ BIN = Path(sys.executable).parent
 
 
 @contextmanager
-def served_deployment(api_url: str, **extra_env: str):
-    """`python -m flows.deploy` in the current folder; yields the env for Prefect CLI calls."""
+def served_deployment(api_url: str, limit: int = 1, **extra_env: str):
+    """`python -m flows.deploy --limit LIMIT` in the current folder; yields the env for Prefect CLI calls."""
     env = {**os.environ, "PREFECT_API_URL": api_url, "PYTHONPATH": str(Path.cwd())}
     # An earlier test's deployment of the same name would answer `inspect` before this one is up.
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     subprocess.run([BIN / "prefect", "deployment", "delete", "finetune/default"], env=env, **quiet)
     # The runner looks for scheduled runs every second rather than every 10 (Prefect's default).
     server = subprocess.Popen(
-        [sys.executable, "-m", "flows.deploy"],
+        [sys.executable, "-m", "flows.deploy", "--limit", str(limit)],
         env={**env, "PREFECT_RUNNER_POLL_FREQUENCY": "1", **extra_env},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,

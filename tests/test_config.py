@@ -17,6 +17,20 @@ from chat_doctor.config import (
 REPO = Path(__file__).resolve().parents[1]
 
 
+def write_params(path: Path, choices: dict) -> None:
+    """Set keys (`preset`, `data.rows`) in a params.yaml, as a user editing it would."""
+    import yaml
+
+    params = yaml.safe_load(path.read_text())
+    for key, value in choices.items():
+        section, _, leaf = key.rpartition(".")
+        if section:
+            params[section] = {**(params.get(section) or {}), leaf: value}
+        else:
+            params[leaf] = value
+    path.write_text(yaml.safe_dump(params))
+
+
 def test_params_yaml_is_the_smollm2_demo():
     """A fresh clone fine-tunes the real small model; the tests' projects use the tiny one."""
     from tests.conftest import TEST_PRESET
@@ -32,8 +46,6 @@ def test_params_yaml_is_the_smollm2_demo():
 def test_the_shipped_params_yaml_gives_each_preset_its_own_recipe(preset, tmp_path):
     """`python -m flows.finetune preset=X`, and `preset: X` written in params.yaml, both give preset
     X exactly: the shipped file holds no values of its own that would win over it."""
-    from chat_doctor.tracking.lineage import write_params
-
     recipe = build_config({"preset": preset})
     assert load_config(REPO / "params.yaml", {"preset": preset}) == recipe
     params = tmp_path / "params.yaml"
@@ -47,8 +59,6 @@ def test_the_shipped_params_yaml_gives_each_preset_its_own_recipe(preset, tmp_pa
 
 
 def test_a_choice_in_params_yaml_wins_over_the_preset(tmp_path):
-    from chat_doctor.tracking.lineage import write_params
-
     params = tmp_path / "params.yaml"
     params.write_text((REPO / "params.yaml").read_text())
     write_params(params, {"preset": "mistral-7b", "data.rows": 1000})
@@ -151,6 +161,15 @@ def test_overrides_parse_as_yaml_and_win():
             {"train.kernels": "liger", "train.compile": True},
             "train.compile needs train.kernels: none or liger-loss (torch.compile rejects liger's layer kernels)",
         ),
+        # Values the schema once let through for a library to refuse later, naming no key.
+        ({"data.seed": -1}, "`data.seed` = -1: Input should be greater than or equal to 0"),
+        ({"train.seed": -1}, "`train.seed` = -1: Input should be greater than or equal to 0"),
+        ({"train.seed": 2**32}, "`train.seed` = 4294967296: Input should be less than 4294967296"),
+        ({"train.rdzv_endpoint": "node0"}, "`train.rdzv_endpoint` = 'node0': must be host:port"),
+        ({"registry.model_name": "my model's"}, '`registry.model_name` = "my model\'s": use letters, digits'),
+        ({"registry.champion_alias": "v2"}, "`registry.champion_alias` = 'v2': 'v2' names a version in MLflow"),
+        ({"registry.alias": "latest"}, "`registry.alias` = 'latest': 'latest' names a version in MLflow"),
+        ({"registry.alias": "new one"}, "`registry.alias` = 'new one': use letters, digits, '_' and '-'"),
     ],
 )
 def test_bad_values_name_the_key(override, expected):
@@ -196,3 +215,37 @@ def test_every_key_is_documented_and_the_reference_is_current():
     assert "- `mistral-7b-lean`: " in rendered and '`merge.device="cpu"`' in rendered
     committed = (Path(__file__).resolve().parents[1] / REFERENCE_FILE).read_text()
     assert committed == rendered, "run: python -m chat_doctor.config.reference > docs/config.md"
+
+
+def test_an_optimizer_transformers_lacks_is_refused_before_the_data_steps():
+    from chat_doctor.training.preflight import check_before_data
+
+    with pytest.raises(
+        ConfigError, match=r"train.optim = 'adam': not an optimizer of transformers; use auto or one of"
+    ):
+        check_before_data(build_config({"train": {"optim": "adam"}}))
+
+
+@pytest.mark.parametrize(
+    ("item", "key", "value"),
+    [
+        ("data.source=/data/my rows #2.jsonl", "data.source", "/data/my rows #2.jsonl"),  # not a comment
+        ("data.source=yes", "data.source", "yes"),  # not a boolean
+        ("data.revision=0123", "data.revision", "0123"),  # not a number
+        ("data.revision=2024-01-01", "data.revision", "2024-01-01"),  # not a date
+        ("model.base=  ./my model", "model.base", "  ./my model"),
+        ("data.revision=null", "data.revision", None),  # an optional text key can still be cleared
+        ("train.learning_rate=1e-4", "train.learning_rate", 1e-4),  # other keys: YAML 1.2
+        ("train.packing=true", "train.packing", True),
+        ("data.rows=0123", "data.rows", 123),
+        ("lora.target_modules=[q_proj, v_proj]", "lora.target_modules", ["q_proj", "v_proj"]),
+        ("data.columns={input: question}", "data.columns", {"input": "question"}),
+    ],
+)
+def test_command_line_values_are_taken_as_typed(item, key, value):
+    assert cli_overrides([item]) == {key: value}
+
+
+def test_a_command_line_value_that_is_not_yaml_names_its_key():
+    with pytest.raises(ConfigError, match=r"override lora.target_modules='\[q_proj': not a value"):
+        cli_overrides(["lora.target_modules=[q_proj"])

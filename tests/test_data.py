@@ -179,3 +179,22 @@ def test_real_rows_are_cleaned_counted_and_reproducible(tmp_path, project):
     tokenized = run_tokenize(TokenizeConfig(), ModelConfig(), paths, tmp_path / "tokenized")
     train = load_split(tokenized.train)
     assert len(train) > 300 and all(labels[-1] == 2 and labels[0] == -100 for labels in train["labels"])
+
+
+@pytest.mark.parametrize(
+    ("raw", "clean"),
+    [
+        ("hel\x00lo", "hello"),  # NUL inside a word: the word stays one word
+        ("wor\u200bld", "world"),  # zero-width space
+        ("head\u00adache", "headache"),  # soft hyphen
+        ("\ufeffMy son has a cough", "My son has a cough"),  # byte-order mark
+        ("left\u200fright mark", "leftright mark"),  # bidi mark
+        ("priv\ue000ate", "private"),  # private use
+        ("fever\tand\ncough\r\nsince\x0bMonday\x1fnow", "fever and cough since Monday now"),  # separators
+        ("\ufb01ne  ", "fine"),  # NFKC ligature, trailing spaces
+    ],
+)
+def test_cleaning_drops_invisible_characters_without_splitting_words(raw, clean):
+    from chat_doctor.data.cleaning import normalise
+
+    assert normalise(raw) == clean

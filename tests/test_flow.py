@@ -13,14 +13,13 @@ import yaml
 
 from bench.processes import task_states
 from chat_doctor.config import flatten, load_config
-from chat_doctor.core.layout import PROCESSED_DIR, TOKENIZED_DIR, RunFolder
+from chat_doctor.core.layout import RunFolder
 from chat_doctor.core.records import Merged, Processed, Tokenized
 from chat_doctor.tracking.mlflow_runs import tracking_uri
 from tests.conftest import FAST, QUICK_EVAL, REAL_ROWS, SHORTER, copy_of_shared, needs_real_rows
 
 pytestmark = pytest.mark.slow
 METRICS = ("loss", "perplexity", "rougeL", "similarity", "eos_rate", "repetition", "words")
-PROCESSED, TOKENIZED = Processed.at(PROCESSED_DIR), Tokenized.at(TOKENIZED_DIR)
 
 
 def shared_merged(shared) -> Merged:
@@ -28,11 +27,35 @@ def shared_merged(shared) -> Merged:
     return Merged(run=RunFolder(root=Path("runs") / shared.run_dir.name), logit_error=0.0, adapter_effect_kept=1.0)
 
 
+def flow_run_logs(flow_run_id) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200)
+    return [log.message for log in found]
+
+
 def dvc_status() -> dict:
     from dvc.repo import Repo
 
     with Repo(".") as repo:
         return repo.status()
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def dvc_experiments() -> list[str]:
+    """The experiments `dvc exp show` lists (names)."""
+    dvc = Path(sys.executable).parent / "dvc"
+    shown = subprocess.run([dvc, "exp", "show", "--json"], capture_output=True, text=True, check=True).stdout
+    names = []
+    for baseline in json.loads(shown):
+        for exp in baseline.get("experiments") or []:
+            names += [run["name"] for run in exp.get("revs", [])] if exp.get("revs") else [exp.get("name")]
+    return [n for n in names if n]
 
 
 def test_flow_trains_registers_and_versions_data(shared):
@@ -65,13 +88,14 @@ def test_flow_trains_registers_and_versions_data(shared):
     # Eval: every figure for base and tuned; the report on disk says the same as MLflow.
     metrics = run.data.metrics
     assert metrics["eval/tuned_loss"] < metrics["eval/base_loss"]
-    report = json.loads((shared.run_dir / "eval" / "report.json").read_text())
+    assert shared.eval_dir == shared.run_dir / "eval" / run.info.run_id  # this flow run's evaluation
+    report = json.loads((shared.eval_dir / "report.json").read_text())
     for model in ("base", "tuned"):
         figures = report["sets"]["eval_split"]["models"][model]
         for metric in METRICS:
             assert figures[metric] == pytest.approx(metrics[f"eval/{model}_{metric}"]), (model, metric)
     assert report["sets"]["eval_split"]["rows"] == 40 and report["generation"]["max_new_tokens"] == 16
-    assert len((shared.run_dir / "eval" / "samples.jsonl").read_text().splitlines()) == 4
+    assert len((shared.eval_dir / "samples.jsonl").read_text().splitlines()) == 4
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
     assert {
         "eval/report.json",
@@ -87,20 +111,28 @@ def test_flow_trains_registers_and_versions_data(shared):
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-10", "checkpoint-5"]
     assert (shared.run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert (shared.run_dir / "merged" / "model.safetensors").is_file()
-    # Lineage: dvc.lock's data hashes, the flow run and the commit are on the version.
-    lock = yaml.safe_load(Path("dvc.lock").read_text())["stages"]
-    for stage, path in (("sample", "data/processed"), ("tokenize", "data/tokenized")):
-        assert version.tags[f"dvc.{path}"] == lock[stage]["outs"][0]["md5"]
-        assert run.data.tags[f"dvc.{path}"] == lock[stage]["outs"][0]["md5"]
-    assert version.tags["prefect.flow_run_id"] == str(shared.first.state_details.flow_run_id)
+    # Lineage: the run's DVC experiment (its dvc.lock's data hashes), the flow run and the commit
+    # are on the version; the data it trained on is in folders named by those hashes.
+    experiment = version.tags["dvc.experiment"]
+    flow_run = shared.first.state_details.flow_run_id
+    assert experiment.endswith(str(flow_run)[:8]) and run.data.tags["dvc.experiment"] == experiment
+    lock = yaml.safe_load(git("show", f"{version.tags['dvc.experiment_rev']}:dvc.lock"))["stages"]
+    for stage, path, folder in (
+        ("sample", "data/processed", shared.processed),
+        ("tokenize", "data/tokenized", shared.tokenized),
+    ):
+        md5 = lock[stage]["outs"][0]["md5"]
+        assert version.tags[f"dvc.{path}"] == run.data.tags[f"dvc.{path}"] == md5
+        assert folder.name == f"{Path(path).name}-{md5.removesuffix('.dir')}"
+    experiments = {e for e in dvc_experiments()}
+    assert experiment in experiments and len(experiments) == 2  # each flow run has its own
+    assert version.tags["prefect.flow_run_id"] == str(flow_run)
     assert len(version.tags["git_commit"]) >= 40
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "data/processed")}
     assert artifacts == {"data/processed/report.json"}
-    assert dvc_status() == {}
-    git_status = ["git", "status", "--porcelain", "--untracked-files=no"]
-    changed = subprocess.run(git_status, capture_output=True, text=True).stdout
-    # dvc.lock now records the tests' preset (the shipped one records the demo's; see the test below).
-    assert changed in ("", " M dvc.lock\n"), f"the flow changed tracked files:\n{changed}"
+    # The workspace is the user's: no tracked file changed, no data written into it.
+    assert git("status", "--porcelain", "--untracked-files=no") == ""
+    assert not Path("data/processed").exists() and not Path("data/tokenized").exists()
     assert list(Path("dvc-remote").rglob("*")), "dvc push left the default remote empty"
     # The registered adapter loads back from the alias, with the trained weights.
     mlflow.set_tracking_uri(tracking_uri())  # models:/ URIs resolve against the global one
@@ -132,10 +164,13 @@ def test_training_progress_is_shown_where_users_look(shared):
 
 
 def test_a_second_run_reuses_the_data_and_its_worse_adapter_stays_candidate(shared):
-    """Same data, fewer steps: the data steps come from Prefect's cache; v2 does not beat v1."""
-    states = task_states(shared.second.state_details.flow_run_id)
-    assert states["sample"] == "Cached" and states["tokenize"] == "Cached"
-    assert states["train"] == states["register"] == "Completed"
+    """Same data, fewer steps: the data comes from DVC's run cache (the second run's own experiment,
+    the same folders); v2 does not beat v1."""
+    flow_run = shared.second.state_details.flow_run_id
+    states = task_states(flow_run)
+    assert states["data"] == states["train"] == states["register"] == "Completed"
+    logged = "\n".join(flow_run_logs(flow_run))
+    assert "Stage 'sample' is cached - skipping run" in logged and "Stage 'tokenize' is cached" in logged
     worse = shared.second.result()
     assert (worse.version, worse.aliases) == (2, ["candidate"])
     client = mlflow.MlflowClient(tracking_uri())
@@ -216,10 +251,11 @@ def test_an_eval_source_of_real_rows_rescores_the_champion_on_them(shared, tmp_p
     held_out = tmp_path / "held_out_real.jsonl"
     datasets.load_from_disk(str(REAL_ROWS)).select(range(40)).to_json(str(held_out), lines=True)
     cfg = load_config("params.yaml", {**FAST, **QUICK_EVAL, "evaluate.source": str(held_out)})
-    source = run_eval_source(cfg, Path("data/processed/train.jsonl"))
+    processed, tokenized = Processed.at(shared.processed), Tokenized.at(shared.tokenized)
+    source = run_eval_source(cfg, processed.train)
     champion = champion_record(cfg.registry.model_name, cfg.registry.champion_alias)
     merged = shared_merged(shared)  # v1's merged model: the champion, merged
-    paths = run_evaluate(cfg, TOKENIZED, PROCESSED, merged, source, champion)
+    paths = run_evaluate(cfg, tokenized, processed, merged, source, champion, tmp_path / "eval")
     report = json.loads(paths.report.read_text())
     assert report["gate_set"] == "source"
     assert report["champion"] == {"version": 1, "figures": "scored again on these rows"}
@@ -248,12 +284,13 @@ def test_4bit_evaluation_scores_base_tuned_and_champion_on_one_quantized_base(sh
     cfg = load_config("params.yaml", {**FAST, **QUICK_EVAL, "evaluate.load_in_4bit": True})
     champion = champion_record(cfg.registry.model_name, cfg.registry.champion_alias)
     merged = shared_merged(shared)  # v1's run: its adapter is the champion's
-    paths = run_evaluate(cfg, TOKENIZED, PROCESSED, merged, None, champion)
+    processed, tokenized = Processed.at(shared.processed), Tokenized.at(shared.tokenized)
+    paths = run_evaluate(cfg, tokenized, processed, merged, None, champion, tmp_path / "eval")
     report = json.loads(paths.report.read_text())
     # The champion's registered figures came from full-precision models: another eval key.
     assert report["champion"] == {"version": 1, "figures": "scored again on these rows"}
     models = report["sets"]["eval_split"]["models"]
-    full = json.loads((shared.run_dir / "eval" / "report.json").read_text())["sets"]["eval_split"]["models"]
+    full = json.loads((shared.eval_dir / "report.json").read_text())["sets"]["eval_split"]["models"]
     assert models["tuned"]["loss"] < models["base"]["loss"] - 0.1  # the adapter is on for tuned, off for base
     assert models["champion"]["loss"] == pytest.approx(models["tuned"]["loss"], rel=1e-4)  # the same adapter
     assert models["tuned"]["loss"] != full["tuned"]["loss"]  # 4-bit weights, not the merged fp32 ones
@@ -271,15 +308,17 @@ def test_flow_on_real_rows(project, prefect_server):
     client = mlflow.MlflowClient(tracking_uri())
     version = client.get_model_version_by_alias("chat-doctor-adapter", "candidate")
     assert float(version.tags["eval.tuned.loss"]) < float(version.tags["eval.base.loss"])
-    report = json.loads(next(Path("runs").glob("run-*/eval/report.json")).read_text())
+    report = json.loads(next(Path("runs").glob("run-*/eval/*/report.json")).read_text())
     assert set(report["sets"]["eval_split"]["models"]["tuned"]) >= {"rougeL", "similarity", "eos_rate", "repetition"}
-    # The data override went to params.yaml, so dvc.lock describes the real rows.
-    assert yaml.safe_load(Path("params.yaml").read_text())["data"]["source"] == str(REAL_ROWS)
-    assert dvc_status() == {}
-    report = json.loads(Path("data/processed/report.json").read_text())
+    # The data override went into the run's DVC experiment, whose params.yaml names the real rows.
+    experiment = yaml.safe_load(git("show", f"{version.tags['dvc.experiment_rev']}:params.yaml"))
+    assert experiment["data"]["source"] == str(REAL_ROWS) and git("status", "--porcelain", "--untracked-files=no") == ""
+    processed = Path("runs/data") / f"processed-{version.tags['dvc.data/processed'].removesuffix('.dir')}"
+    report = json.loads((processed / "report.json").read_text())
     assert (report["source_rows"], report["train_rows"], report["eval_rows"]) == (400, 108, 12)
     # Every real row trains its EOS, and the prompt is masked.
     from chat_doctor.data.tokenized import load_split
 
-    train = load_split("data/tokenized/train.arrow")
+    tokenized = Path("runs/data") / f"tokenized-{version.tags['dvc.data/tokenized'].removesuffix('.dir')}"
+    train = load_split(tokenized / "train.arrow")
     assert all(labels[-1] == 2 and labels[0] == -100 for labels in train["labels"])

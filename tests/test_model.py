@@ -53,7 +53,7 @@ def test_a_rerun_of_finished_training_resumes_at_its_end_and_trains_nothing(shar
     run_dir = Path("runs") / shared.run_dir.name
     before = content_hash(run_dir / "adapter")
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-10", "checkpoint-5"]
-    again = run_train(cfg, Tokenized.at(Path("data/tokenized")))
+    again = run_train(cfg, Tokenized.at(shared.tokenized))
     assert again.run.root == run_dir  # same data and settings: the same folder
     assert again.resumed_from.endswith("checkpoint-10")
     # No step past train.max_steps (the Trainer itself would take one when the last ended mid-epoch).
@@ -208,7 +208,7 @@ def test_evaluation_report_and_all_or_nothing_registration(shared, tmp_path, mon
     from tasks.register import run_register
 
     cfg = load_config("params.yaml", {**FAST, "registry.register_merged": True})
-    eval_dir = shared.run_dir / "eval"
+    eval_dir = shared.eval_dir
     report = json.loads((eval_dir / "report.json").read_text())
     figures = report["sets"]["eval_split"]["models"]
     for model in ("base", "tuned"):
@@ -221,9 +221,10 @@ def test_evaluation_report_and_all_or_nothing_registration(shared, tmp_path, mon
 
     run = RunFolder(root=_copy_of_run(shared, tmp_path / "run"))
     merged = Merged(run=run, logit_error=0.0, adapter_effect_kept=1.0)
+    evaluation = run.eval / shared.eval_dir.name
     files = Evaluated(
-        report=run.eval / "report.json", samples=run.eval / "samples.jsonl", summary=run.eval / "summary.md",
-        chart=run.eval / "chart.png",
+        report=evaluation / "report.json", samples=evaluation / "samples.jsonl", summary=evaluation / "summary.md",
+        chart=evaluation / "chart.png",
     )  # fmt: skip
     (tmp_path / "store").mkdir()
     monkeypatch.chdir(tmp_path / "store")  # a fresh sqlite store with its artifacts beside it

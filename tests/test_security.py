@@ -122,7 +122,7 @@ def test_an_adapter_offered_only_as_a_pickle_is_refused_unopened(tmp_path):
 def test_resuming_from_a_poisoned_checkpoint_does_not_run_its_pickles(project, tmp_path):
     """Trainer state files are loaded with weights_only=True: a planted pickle fails to load, unrun."""
     from chat_doctor.config import load_config
-    from chat_doctor.training.callbacks import COMPLETE
+    from chat_doctor.training.plan import COMPLETE
     from chat_doctor.training.recipe import train_in_process
     from tasks.sample import run_sample
     from tasks.tokenize import run_tokenize

@@ -83,7 +83,7 @@ def test_the_demo_preset_runs_the_flow_on_the_real_model(project, prefect_server
     assert version.tags["base_model"] == "smollm2-135m"
     assert "SmolLM2-135M-Instruct (Apache-2.0)" in version.tags["base_source"]
     assert not version.description.startswith("---")  # MLflow shows front matter as text
-    samples = [json.loads(line) for line in next(Path("runs").glob("run-*/eval/samples.jsonl")).open()]
+    samples = [json.loads(line) for line in next(Path("runs").glob("run-*/eval/*/samples.jsonl")).open()]
     for row in samples:
         assert {"the", "you", "your", "a", "to", "is"} & set(row["tuned"]["answer"].lower().split()), row
     # The chat on that champion, as `make chat` serves it: the answer in English with the ChatML

@@ -19,7 +19,8 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from chat_doctor.config.after_training import ChatConfig, EvaluateConfig, ExportConfig, MergeConfig, RegisterConfig
 from chat_doctor.config.common import ConfigError, Section
 from chat_doctor.config.model_data import Column, DataConfig, ModelConfig, TokenizeConfig
-from chat_doctor.config.overrides import cli_overrides, parse_overrides
+from chat_doctor.config.overrides import cli_overrides as _cli_overrides
+from chat_doctor.config.overrides import nest
 from chat_doctor.config.presets import PRESETS, deep_merge
 from chat_doctor.config.secrets import HUB_TOKEN_ENV, SECRET_KEY, redact
 from chat_doctor.config.training import LoraConfig, TrainConfig, effective_batch, split_for_processes
@@ -126,6 +127,31 @@ def build_config(raw: dict[str, Any], source: str = PARAMS_FILE) -> Config:
         return Config.model_validate(deep_merge(defaults, raw))
     except ValidationError as err:
         raise ConfigError(_format_error(err, source)) from None
+
+
+def _kind_of(key: str) -> str:
+    """How a command-line value for `key` is read (chat_doctor/config/overrides.py): text keys as typed."""
+    model: Any = Config
+    annotation: Any = None
+    for part in key.split("."):
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return "yaml"  # not a key: validation names it
+        annotation = field.annotation
+        model = annotation
+    if annotation is str:
+        return "text"
+    return "optional text" if annotation == str | None else "yaml"
+
+
+def cli_overrides(items: list[str]) -> dict[str, Any]:
+    """`["train.max_steps=20", "data.source=/my rows #2.jsonl"]` -> dotted keys and their values."""
+    return _cli_overrides(items, _kind_of)
+
+
+def parse_overrides(items: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    """Dotted overrides (`KEY=VALUE` strings or a {key: value} dict) -> nested dict."""
+    return nest(cli_overrides(items) if isinstance(items, list) else dict(items or {}))
 
 
 def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -52,8 +53,8 @@ class EvaluateConfig(Section):
 
 class RegisterConfig(Section):
     experiment: str = Field("chat-doctor", min_length=1, description="MLflow experiment.")
-    model_name: str = Field("chat-doctor-adapter", min_length=1, description="Registered model name.")
-    alias: str = Field("candidate", min_length=1, description="Alias moved to each new version.")
+    model_name: str = Field("chat-doctor-adapter", description="Registered model name (letters, digits, . _ -).")
+    alias: str = Field("candidate", description="Alias moved to each new version.")
     champion_alias: str = Field(
         "champion", min_length=1, description="Alias moved only when a version beats the base and the champion."
     )
@@ -66,6 +67,23 @@ class RegisterConfig(Section):
     register_merged: bool = Field(
         False, description="Also register the merged full-precision model as `<model_name>-merged` (14 GB for 7B)."
     )
+
+    @field_validator("model_name")
+    @classmethod
+    def _registry_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", value):
+            raise ValueError("use letters, digits, '.', '_' and '-', starting with a letter or digit")
+        return value
+
+    @field_validator("alias", "champion_alias")
+    @classmethod
+    def _alias_mlflow_takes(cls, value: str) -> str:
+        # MLflow refuses these as aliases, but only once a version is registered: refuse them here.
+        if not re.fullmatch(r"[A-Za-z_][\w-]*", value):
+            raise ValueError("use letters, digits, '_' and '-', starting with a letter or '_'")
+        if value == "latest" or re.fullmatch(r"[vV]\d+", value):
+            raise ValueError(f"{value!r} names a version in MLflow; choose another alias")
+        return value
 
     @field_validator("champion_alias")
     @classmethod

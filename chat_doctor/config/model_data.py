@@ -56,7 +56,7 @@ class DataConfig(Section):
     split: str = Field("train", description="Split of a hub dataset (or of a DatasetDict folder).")
     rows: int = Field(400, gt=0, description="Rows sampled from the source (before the split).")
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="Share of the sample held out for evaluation.")
-    seed: int = Field(42, description="Sampling and split seed: same seed + same source = same files.")
+    seed: int = Field(42, ge=0, description="Sampling and split seed: same seed + same source = same files.")
     columns: dict[Column, str] = Field(
         DEFAULT_COLUMNS,
         description="Source column for each field; e.g. {input: question, output: answer}. instruction is optional.",

@@ -129,7 +129,9 @@ class TrainConfig(Section):
     logging_steps: int = Field(5, gt=0, description="Loss, token rate and memory printed and logged every K steps.")
     save_steps: int = Field(20, gt=0, description="Checkpoint every K steps (resume point after a crash).")
     save_total_limit: int = Field(2, gt=0, description="Checkpoints kept.")
-    seed: int = Field(42, description="Adapter initialisation and batch order; same seed + data = same adapter.")
+    seed: int = Field(
+        42, ge=0, lt=2**32, description="Adapter initialisation and batch order; same seed + data = same adapter."
+    )
 
     @model_validator(mode="after")
     def _settings_fit_together(self) -> TrainConfig:
@@ -146,6 +148,14 @@ class TrainConfig(Section):
         if self.strategy == "fsdp" and self.upcast_layers:
             raise ValueError("train.strategy = fsdp needs train.upcast_layers: false (FSDP shards one dtype)")
         return self
+
+    @field_validator("rdzv_endpoint")
+    @classmethod
+    def _host_and_port(cls, value: str) -> str:
+        host, _, port = value.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("must be host:port, e.g. 10.0.0.1:29500")
+        return value
 
     @field_validator("gpus")
     @classmethod

@@ -3,6 +3,7 @@ path arithmetic."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
@@ -12,7 +13,14 @@ RUNS_ROOT = "runs"  # every output that config can place goes under this project
 # Data outputs tracked by DVC (dvc.yaml names the same folders).
 PROCESSED_DIR = Path("data/processed")
 TOKENIZED_DIR = Path("data/tokenized")
-STATE_DIR = Path(".local")  # the project's own state: server addresses, step stamps, the GGUF converter
+STATE_DIR = Path(".local")  # the project's own state: server addresses, locks, the GGUF converter
+DATA_DIR = Path(RUNS_ROOT) / "data"  # each data version the runs trained on, by content (runs/data/<out>-<md5>)
+MODELS_ENV = "CHAT_DOCTOR_MODELS_DIR"  # where the embedded bases are built (the data experiment's copy points home)
+
+
+def models_dir() -> Path:
+    """Where the embedded bases live: the project's models/, or $CHAT_DOCTOR_MODELS_DIR."""
+    return Path(os.environ.get(MODELS_ENV) or "models")
 
 
 class RunFolder(BaseModel):
@@ -40,8 +48,19 @@ class RunFolder(BaseModel):
 
     @property
     def eval(self) -> Path:
-        """report.json, samples.jsonl, summary.md, chart.png."""
+        """The evaluations of this run's adapter, one folder per flow run (MLflow run id)."""
         return self.root / "eval"
+
+    def evaluation(self, mlflow_run_id: str) -> Path:
+        """One flow run's evaluation: report.json, samples.jsonl, summary.md, chart.png. Its own
+        folder: two runs that train the same adapter compare it with different champions."""
+        return self.eval / mlflow_run_id
+
+    @property
+    def lock(self) -> Path:
+        """Held while a run trains or merges here: two runs with the same data and settings take
+        turns, and the second finds the first's adapter and merged model."""
+        return self.root / ".lock"
 
     @property
     def attempt(self) -> Path:

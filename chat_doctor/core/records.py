@@ -49,9 +49,28 @@ class EvalRows(Record):
     report: Path
 
 
+class DataMade(Record):
+    """The data step's output: the run's DVC experiment and its data, read into folders of their own."""
+
+    processed: Processed
+    tokenized: Tokenized
+    experiment: str  # `dvc exp show` lists it, `dvc exp apply` brings it back
+    rev: str  # the experiment's commit
+    hashes: dict[str, str]  # {"data/processed": md5, "data/tokenized": md5}, from its dvc.lock
+
+    @property
+    def tags(self) -> dict[str, str]:
+        """Lineage tags for the MLflow run and the registered version."""
+        return {
+            **{f"dvc.{path}": md5 for path, md5 in self.hashes.items()},
+            "dvc.experiment": self.experiment,
+            "dvc.experiment_rev": self.rev,
+        }
+
+
 class DataVersion(Record):
-    """The version-data step's output: the DVC hash of each data output, as lineage tags
-    (`dvc.data/processed`: md5)."""
+    """The version-data step's output: the data's lineage tags (`dvc.data/processed`: md5, the DVC
+    experiment and its commit), once the data is on the DVC remote."""
 
     tags: dict[str, str]
 

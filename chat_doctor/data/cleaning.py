@@ -25,10 +25,18 @@ SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 ENDS_A_SENTENCE = re.compile(r"[.!?)\"'\]]\s*$")
 
 
+# Control characters that separate words (tabs, line and record breaks) become a space; every other
+# control or format character (NUL, zero-width space and joiners, soft hyphen, BOM, bidi marks,
+# private-use and unassigned code points) is dropped, so a word it sat in stays one word.
+SEPARATORS = frozenset("\t\n\r\x0b\x0c\x1c\x1d\x1e\x1f\x85")
+
+
 def normalise(text: str) -> str:
-    """NFKC unicode, no control characters, single spaces, trimmed (newlines kept as one space)."""
+    """NFKC unicode, no control or format characters, single spaces, trimmed (newlines as one space)."""
     text = unicodedata.normalize("NFKC", text)
-    text = "".join(ch if ch in "\n\t" or unicodedata.category(ch)[0] != "C" else " " for ch in text)
+    text = "".join(
+        " " if ch in SEPARATORS else ch for ch in text if ch in SEPARATORS or unicodedata.category(ch)[0] != "C"
+    )
     return re.sub(r"\s+", " ", text).strip()
 
 

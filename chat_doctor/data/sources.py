@@ -103,16 +103,6 @@ def open_source(cfg: DataConfig, key: str = "data.source"):
     return kind.read(cfg, path, key)
 
 
-def source_identity(cfg: DataConfig) -> str:
-    """What names the source's content without reading it as a dataset (for cache keys)."""
-    if not is_local(cfg.source):
-        return f"{cfg.source}@{cfg.revision}:{cfg.split}"  # a hub id: the revision names the content
-    try:
-        return content_hash(Path(cfg.source).expanduser())
-    except FileNotFoundError:  # missing or an empty folder: the sample step itself says what is wrong
-        return "(missing)"
-
-
 def source_fingerprint(cfg: DataConfig, dataset) -> str:
     if is_local(cfg.source):
         return "sha256:" + content_hash(Path(cfg.source).expanduser())

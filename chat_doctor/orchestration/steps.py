@@ -6,7 +6,6 @@ from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
 from prefect import Task, task
-from prefect.context import TaskRunContext
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -17,9 +16,3 @@ def step(name: str, **options: Any) -> Callable[[Callable[P, R]], Task[P, R]]:
     pickle): within a flow run, Prefect's default cache policy (inputs + run id) then hands a retry
     what already finished instead of redoing it."""
     return task(name=name, persist_result=True, result_serializer="json", **options)
-
-
-def given_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    """A cache key passed in as the task's `key` parameter: computed by the caller, which also checks
-    that the step's outputs still hold what was made under it."""
-    return parameters["key"]

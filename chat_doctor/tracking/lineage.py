@@ -1,80 +1,177 @@
-"""DVC helpers: record the data stages' outputs in dvc.lock, push them, read their hashes.
+"""DVC lineage: each flow run's data is a DVC experiment of its own.
 
-DVC owns data identity: after the flow's data steps, `dvc commit` writes the hashes of params, deps
-and outputs to dvc.lock (so `dvc status` is clean) and `dvc push` copies the data to the default
-remote, from which `dvc pull` restores exactly what an adapter was trained on.
+The data stages of dvc.yaml (`sample`, `tokenize`) run through `dvc exp run --temp`: in a temporary
+copy of the project with the run's data overrides applied to that copy's params.yaml (as `dvc exp
+run --set-param` does), so any number of runs make their data at once and none rewrites the
+workspace's params.yaml, dvc.lock or data/. DVC's run cache restores a stage whose code, params and
+inputs it has run before (a retry, or another run with the same data), and reruns it when any of
+them changed. The experiment (a git ref holding params.yaml and dvc.lock) is the run's record:
+`dvc exp show` lists the runs with their params and data hashes, `dvc exp apply NAME` brings one
+back into the workspace. The outputs are read from the DVC cache into content-addressed folders
+(runs/data/processed-<md5>/), which no other run writes into.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from chat_doctor.core.files import atomic_path
+from chat_doctor.core.files import atomic_dir, is_local
+from chat_doctor.core.layout import DATA_DIR, MODELS_ENV, models_dir
+from chat_doctor.core.logs import get_logger
 
-DATA_STAGES = ("sample", "tokenize")
-# Config keys that the data stages read (dvc.yaml `params:`); overrides of these go to params.yaml.
+logger = get_logger(__name__)
+
+DATA_OUTPUTS = {"sample": "data/processed", "tokenize": "data/tokenized"}  # dvc.yaml's stages and outs
+# Config keys that the data stages read (dvc.yaml `params:`): a run's overrides of these go into its experiment.
 DVC_PARAM_PREFIXES = ("preset", "data.", "tokenize.", "model.")
+
+
+class LineageError(RuntimeError):
+    """The data experiment could not be made or read; the message says what DVC or git said."""
 
 
 def data_overrides(overrides: dict[str, Any] | None) -> dict[str, Any]:
     return {k: v for k, v in (overrides or {}).items() if k == "preset" or k.startswith(DVC_PARAM_PREFIXES)}
 
 
-def write_params(params_file: Path, overrides: dict[str, Any]) -> list[str]:
-    """Set dotted keys in params.yaml, keeping its comments (what `dvc exp run -S` does).
+def hydra_value(value: Any) -> str:
+    """`value` in the override grammar of `dvc exp run --set-param` (Hydra's), read back as the same
+    value: strings always quoted, so a '#', a quote or a comma in a path is taken as typed."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(hydra_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {hydra_value(v)}" for k, v in value.items()) + "}"
+    # Inside quotes only backslashes that precede a quote (or the closing one) are escapes.
+    text = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", str(value))
+    return "'" + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, text) + "'"
 
-    Returns the keys whose value changed. Needed so that dvc.lock records the parameters the data
-    was really made with.
+
+def _dvc(*args: str, capture: bool = True) -> str:
+    """Run a dvc command in the project; the venv's python and dvc whatever PATH says."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env[MODELS_ENV] = str(models_dir().resolve())  # the experiment's copy uses the project's embedded bases
+    env.pop("PYTHONPATH", None)  # the copy's stages import the copy's code (from their working directory)
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", "--wait-for-lock", *args], env=env, capture_output=True, text=True
+    )
+    output = done.stdout + done.stderr
+    if done.returncode:
+        # A stage's own error (a bad source names its key, file and row) is the message; DVC's after it.
+        raised = re.findall(r"^(?:[\w.]+\.)?(\w*Error): (.+)$", output, re.MULTILINE)
+        first = f"{raised[-1][0]}: {raised[-1][1]}\n" if raised else ""
+        raise LineageError(f"{first}dvc {' '.join(args[:2])} failed:\n{output[-2000:]}")
+    return output
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def experiment_rev(name: str) -> str | None:
+    """The commit of experiment `name` made on the current commit, or None."""
+    head = _git("rev-parse", "HEAD")
+    refs = _git("for-each-ref", "--format=%(objectname) %(refname)", "refs/exps/").splitlines()
+    for line in refs:
+        rev, ref = line.split(" ", 1)
+        parts = ref.split("/")  # refs/exps/<2 of the baseline>/<rest of the baseline>/<name>
+        if parts[-1] == name and parts[2] + parts[3] == head:
+            return rev
+    return None
+
+
+def _untracked(path: str) -> bool:
+    return subprocess.run(["git", "ls-files", "--error-unmatch", path], capture_output=True).returncode != 0
+
+
+def run_data_experiment(name: str, overrides: dict[str, Any], force: bool = False) -> str:
+    """`dvc exp run --temp` of the data stages with `overrides` as the experiment's params; its commit.
+
+    A local data source outside git is copied into the experiment's copy of the project. An
+    experiment of that name on this commit is reused (a retry of the same run), unless `force`.
     """
-    from ruamel.yaml import YAML
-    from ruamel.yaml.comments import CommentedMap
-    from ruamel.yaml.representer import RoundTripRepresenter
-
-    class Representer(RoundTripRepresenter):
-        """Writes None as `null`, like the file's own style; a subclass so DVC's dumper is untouched."""
-
-    Representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
-    ruamel = YAML()
-    ruamel.Representer = Representer
-    ruamel.preserve_quotes = True
-    doc = ruamel.load(params_file.read_text())
-    changed = []
+    if not force and (rev := experiment_rev(name)):
+        logger.info("DVC experiment %s (%s) exists on this commit: its data is reused", name, rev[:7])
+        return rev
+    args = ["exp", "run", "--temp", "--name", name, *(["--force"] if force else [])]
     for key, value in overrides.items():
-        node = doc
-        *parents, leaf = key.split(".")
-        for part in parents:
-            if not node.get(part):  # absent, or the empty `section: {}` of the shipped file
-                node[part] = CommentedMap()  # written as a block, under the section's comment
-            node = node[part]
-        if leaf not in node or node[leaf] != value:
-            node[leaf] = value
-            changed.append(key)
-    if changed:
-        with atomic_path(params_file) as tmp, open(tmp, "w") as fh:
-            ruamel.dump(doc, fh)
-    return changed
+        args += ["--set-param", f"++{key}={hydra_value(value)}"]
+    source = str(overrides.get("data.source", ""))
+    if source and is_local(source) and not Path(source).is_absolute() and _untracked(source):
+        args += ["--copy-paths", source]
+    logger.info("DVC experiment %s: %s", name, " ".join(args[5:]) or "params.yaml as it is")
+    logger.info(_dvc(*args).strip())
+    rev = experiment_rev(name)
+    if rev is None:
+        raise LineageError(f"dvc exp run reported no experiment named {name!r}")
+    return rev
 
 
-def record_data_stages(stages: tuple[str, ...] = DATA_STAGES, push: bool = True) -> dict[str, str]:
-    """dvc commit (+ push) the data stages; return {output path: hash} from dvc.lock."""
-    from dvc.repo import Repo
-
-    with Repo(".") as repo:
-        for stage in stages:
-            repo.commit(stage, force=True)
-        if push:
-            repo.push(list(stages))
-    return data_hashes(stages)
+def remove_experiment(name: str) -> None:
+    _dvc("exp", "remove", name)
 
 
-def data_hashes(stages: tuple[str, ...] = DATA_STAGES, lock_file: Path = Path("dvc.lock")) -> dict[str, str]:
-    """{output path: md5} for the stages' outputs, as recorded in dvc.lock."""
-    lock = yaml.safe_load(lock_file.read_text()) or {}
+def experiment_lock(rev: str) -> dict:
+    """The experiment's dvc.lock."""
+    return yaml.safe_load(_git("show", f"{rev}:dvc.lock")) or {}
+
+
+def data_hashes(lock: dict) -> dict[str, str]:
+    """{output path: md5} of the data stages' outputs in a dvc.lock."""
     hashes = {}
-    for stage in stages:
+    for stage in DATA_OUTPUTS:
         for out in lock.get("stages", {}).get(stage, {}).get("outs", []):
             hashes[out["path"]] = out["md5"]
     return hashes
+
+
+def materialize(rev: str, path: str, md5: str) -> Path:
+    """The output `path` of experiment `rev`, read from the DVC cache into runs/data/<name>-<md5>/
+    (once: the folder is named by its content, so it never changes and runs share it)."""
+    from dvc.api import DVCFileSystem
+
+    folder = DATA_DIR / f"{Path(path).name}-{md5.removesuffix('.dir')}"
+    if folder.is_dir():
+        return folder
+    with atomic_dir(folder) as staging:
+        DVCFileSystem(".", rev=rev).get(path, str(staging), recursive=True)
+        copied = staging / Path(path).name if (staging / Path(path).name).is_dir() else staging
+        if copied != staging:  # fsspec puts the folder itself inside an existing destination
+            for item in copied.iterdir():
+                item.rename(staging / item.name)
+            copied.rmdir()
+    return folder
+
+
+def push(rev: str) -> None:
+    """The experiment's data to the default DVC remote, from which `dvc pull` (after `dvc exp apply`)
+    restores it in another clone."""
+    from dvc.repo import Repo
+
+    with Repo(".") as workspace:
+        name = workspace.config["core"].get("remote")
+        if not name:
+            logger.warning("no default DVC remote (`dvc remote add -d`): the data stays in this clone's cache")
+            return
+        url = str(workspace.config["remote"][name]["url"])  # a local path comes resolved
+    # DVC reads the remote from the experiment's own config, where a relative url (the default
+    # `../dvc-remote`) would resolve against the root of the commit's tree: give it the resolved one.
+    with Repo(".", config={"remote": {name: {"url": url}}}) as repo:
+        repo.push(revs=[rev], workspace=False)
+
+
+def fingerprint_of(report: Path) -> str:
+    return json.loads(report.read_text())["fingerprint"]

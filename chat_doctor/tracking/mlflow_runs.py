@@ -14,19 +14,38 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from chat_doctor.core.files import file_lock
+
 DEFAULT_DB = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
+_READY: set[str] = set()  # stores this process has opened
 
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / DEFAULT_DB}"
 
 
+def local_store(uri: str) -> Path | None:
+    """The sqlite file of a local tracking store, or None for a tracking server."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
 def client():
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
-    return mlflow.MlflowClient(tracking_uri())
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    store = local_store(uri)
+    if store is None or uri in _READY:
+        return mlflow.MlflowClient(uri)
+    # Opening a sqlite store creates or migrates its tables (tracking and registry): two processes
+    # doing it at once fail ("duplicate column name"), so the first opening in each process takes turns.
+    with file_lock(store.with_name(store.name + ".open-lock")):
+        mlflow_client = mlflow.MlflowClient(uri)
+        mlflow_client.search_experiments(max_results=1)
+        mlflow_client.search_registered_models(max_results=1)
+    _READY.add(uri)
+    return mlflow_client
 
 
 def experiment_id(name: str) -> str:

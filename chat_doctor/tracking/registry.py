@@ -13,10 +13,13 @@ moves them by hand.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from chat_doctor.core.files import file_lock
 from chat_doctor.evaluation.metrics import METRICS
-from chat_doctor.tracking.mlflow_runs import client
+from chat_doctor.tracking.mlflow_runs import client, local_store, tracking_uri
 
 REGISTRATION = "registration"  # version tag: `incomplete` until everything but the aliases is in place
 
@@ -150,3 +153,32 @@ def demote_by_hand(name: str, alias: str) -> str:
     mlflow_client.delete_registered_model_alias(name, alias)
     mlflow_client.set_model_version_tag(name, version, "promotion.manual", f"{alias} removed by hand")
     return version
+
+
+@contextmanager
+def registry_turn(name: str) -> Iterator[None]:
+    """One run at a time evaluates against the champion and registers (`name`'s promotion decision),
+    so every version is judged against all those registered before it. Other runs wait here.
+
+    A local store: a lock file beside it (every process on this machine). A tracking server: a
+    Prefect global concurrency limit of 1, on the Prefect server the runs report to."""
+    waiting = f"waiting for another run's evaluate-and-register of {name}"
+    store = local_store(tracking_uri())
+    if store is not None:
+        with file_lock(store.with_name(store.name + ".registry-lock"), waiting):
+            yield
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    limit = f"chat-doctor-registry-{name}"
+    with get_client(sync_client=True) as prefect:
+        try:
+            prefect.read_global_concurrency_limit_by_name(limit)
+        except ObjectNotFound:
+            with suppress(ObjectAlreadyExists):  # another run made it first
+                prefect.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=1))
+    with concurrency(limit, occupy=1, strict=True):
+        yield

@@ -14,18 +14,9 @@ from transformers import TrainerCallback
 from chat_doctor.core import faults
 from chat_doctor.core.logs import get_logger
 from chat_doctor.tracking.mlflow_runs import log_metrics
+from chat_doctor.training.plan import COMPLETE
 
 logger = get_logger(__name__)
-
-COMPLETE = ".complete"  # written into a checkpoint folder once everything in it is on disk
-
-
-def latest_checkpoint(checkpoints: Path) -> str | None:
-    """The newest checkpoint whose save finished; a folder cut short by a crash is not one."""
-    if not checkpoints.is_dir():
-        return None
-    done = [p for p in checkpoints.glob("checkpoint-*") if (p / COMPLETE).is_file()]
-    return str(max(done, key=lambda p: int(p.name.split("-")[1]))) if done else None
 
 
 def peak_memory_gib() -> float:

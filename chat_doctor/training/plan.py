@@ -15,6 +15,8 @@ from chat_doctor.data.tokenized import load_split
 
 logger = get_logger(__name__)
 
+COMPLETE = ".complete"  # written into a checkpoint folder once everything in it is on disk
+
 # How the step is spread over GPUs and machines: the same training whatever they are, so a run can
 # resume on another number of GPUs (the effective batch is kept).
 LAUNCH_KEYS = {"gpus", "strategy", "nnodes", "node_rank", "rdzv_endpoint"}
@@ -30,6 +32,23 @@ def run_folder_for(cfg: Config, train_split: Path) -> RunFolder:
     train["effective_batch"] = effective_batch(cfg.train)
     key = hashlib.sha256(json.dumps([section_hash(cfg.model, cfg.lora), train, content_hash(train_split)]).encode())
     return RunFolder(root=Path(cfg.runs_dir) / f"run-{key.hexdigest()[:12]}")
+
+
+def latest_checkpoint(checkpoints: Path) -> str | None:
+    """The newest checkpoint whose save finished; a folder cut short by a crash is not one."""
+    if not checkpoints.is_dir():
+        return None
+    done = [p for p in checkpoints.glob("checkpoint-*") if (p / COMPLETE).is_file()]
+    return str(max(done, key=lambda p: int(p.name.split("-")[1]))) if done else None
+
+
+def finished(run: RunFolder, max_steps: int) -> str | None:
+    """The checkpoint a finished training of `max_steps` in `run` ended at (its adapter written), or None.
+
+    Resuming the Trainer at its last step would train one step more when that step ended mid-epoch."""
+    resume = latest_checkpoint(run.checkpoints)
+    done = resume is not None and int(Path(resume).name.split("-")[1]) >= max_steps and run.adapter.is_dir()
+    return resume if done else None
 
 
 def steps_for_epochs(cfg: Config, train_split: Path) -> Config:

@@ -15,7 +15,21 @@ from chat_doctor.core.files import is_local
 
 def check_before_data(cfg: Config) -> None:
     check_device(cfg)
+    check_optimizer(cfg)
     check_base(cfg)
+
+
+def check_optimizer(cfg: Config) -> None:
+    """train.optim names an optimizer transformers has (it would refuse it only once training starts)."""
+    if cfg.train.optim == "auto":
+        return
+    from transformers.training_args import OptimizerNames
+
+    known = sorted(o.value for o in OptimizerNames)
+    if cfg.train.optim not in known:
+        raise ConfigError(
+            f"train.optim = {cfg.train.optim!r}: not an optimizer of transformers; use auto or one of {known}"
+        )
 
 
 def check_device(cfg: Config) -> None:
@@ -32,6 +46,8 @@ def check_device(cfg: Config) -> None:
         return
     name, (major, minor) = torch.cuda.get_device_name(), torch.cuda.get_device_capability()
     problems = []
+    if t.gpus != "auto" and t.gpus > torch.cuda.device_count():
+        problems.append(f"train.gpus = {t.gpus}: this machine shows {torch.cuda.device_count()}; set train.gpus: auto")
     if t.attention == VARLEN and major < 8:
         problems.append(
             f"train.attention = varlen needs flash attention (compute capability 8.0+, this GPU has "

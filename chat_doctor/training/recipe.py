@@ -23,17 +23,12 @@ from chat_doctor.core.layout import RunFolder
 from chat_doctor.core.logs import get_logger
 from chat_doctor.core.records import Tokenized, Trained
 from chat_doctor.tracking.mlflow_runs import log_metrics, system_metrics
-from chat_doctor.training.callbacks import callbacks, latest_checkpoint
+from chat_doctor.training.callbacks import callbacks
 from chat_doctor.training.launch import is_oom
-from chat_doctor.training.plan import run_folder_for, steps_for_epochs
+from chat_doctor.training.plan import finished, latest_checkpoint, run_folder_for, steps_for_epochs
 from chat_doctor.training.trainer import build_trainer, is_main_process, sharded, world_size
 
 logger = get_logger(__name__)
-
-
-def _finished(resume: str, adapter: Path, max_steps: int) -> bool:
-    # Resuming the Trainer at its last step would train one step more when that step ended mid-epoch.
-    return int(Path(resume).name.split("-")[1]) >= max_steps and adapter.is_dir()
 
 
 def train_in_process(
@@ -53,13 +48,11 @@ def train_in_process(
     share = cfg.model_copy(
         update={"train": cfg.train.model_copy(update={"micro_batch_size": micro, "grad_accum": accum})}
     )
+    if done := finished(run, cfg.train.max_steps):  # called directly, not through run_train, which checks first
+        logger.info("training finished in %s before (checkpoint %s); its adapter is reused", run.root, Path(done).name)
+        return Trained(run=run, resumed_from=done)
     resume = latest_checkpoint(run.checkpoints)
     trained = Trained(run=run, resumed_from=resume or "")
-    if resume and _finished(resume, run.adapter, cfg.train.max_steps):
-        logger.info(
-            "training finished in %s before (checkpoint %s); its adapter is reused", run.root, Path(resume).name
-        )
-        return trained
     main = is_main_process()
     trainer = build_trainer(
         share, tokenized.train, run.checkpoints, callbacks(run.root, mlflow_run_id if main else None)
@@ -117,4 +110,7 @@ def recipe_main(attempt: Path) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(recipe_main(Path(sys.argv[1])))
+    # Through the module's own name, so its logger is chat_doctor.training.recipe, not __main__.
+    from chat_doctor.training import recipe
+
+    sys.exit(recipe.recipe_main(Path(sys.argv[1])))
