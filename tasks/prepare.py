@@ -1,5 +1,6 @@
-"""Step `prepare-config`: the run's config, validated with this machine and the base's files before
-any data step, so a bad value fails in seconds with nothing pushed or rewritten.
+"""Step `prepare-config`: the run's config, validated with this machine, the base's files and the
+shared servers (tracking server, object store) before any data step, so a bad value or an unreachable
+server fails in seconds with nothing pushed or rewritten.
 
 Reads params.yaml and the run's dotted overrides. Output: the validated Config (errors name the key).
 """
@@ -12,12 +13,14 @@ from prefect import task
 
 from chat_doctor.config import Config, load_config
 from chat_doctor.core.layout import PARAMS_FILE
+from chat_doctor.tracking.servers import check_servers
 from chat_doctor.training.preflight import check_before_data
 
 
 def run_prepare(overrides: dict[str, Any]) -> Config:
     cfg = load_config(PARAMS_FILE, overrides)
     check_before_data(cfg)
+    check_servers()  # the tracking server and object store answer, with these keys
     return cfg
 
 

@@ -32,6 +32,7 @@ from chat_doctor.core.logs import get_logger
 from chat_doctor.core.records import Tokenized, Trained
 from chat_doctor.orchestration.steps import step
 from chat_doctor.tracking.mlflow_runs import set_tags
+from chat_doctor.training.checkpoint_store import restore
 from chat_doctor.training.launch import (
     OutOfMemory,
     TrainingFailed,
@@ -81,6 +82,8 @@ def _attempt(
     if done := finished(run, cfg.train.max_steps):  # no process to start for a training that is done
         logger.info("training finished in %s before (checkpoint %s); its adapter is reused", run.root, Path(done).name)
         return Trained(run=run, resumed_from=done)
+    if restored := restore(run):  # this machine has none of the run's checkpoints; the store had one
+        logger.info("resuming from %s, saved by another machine", Path(restored).name)
     cfg = apply_micro_batch(cfg, run)
     attempt = {
         "config": cfg.model_dump(),

@@ -3,7 +3,9 @@
 Reads no params section. Input: the data step's experiment. Runs after eval-source, so a bad eval
 file fails before anything is pushed. `dvc push` of the experiment's outputs to the default remote,
 from which another clone restores them (`dvc exp apply NAME`, or `git checkout` of a saved
-experiment, then `dvc pull`). Output: the lineage tags (`dvc.data/processed`, `dvc.data/tokenized`,
+experiment, then `dvc pull`); with $CHAT_DOCTOR_EXPERIMENTS_REMOTE set (a worker's clone is
+temporary), the experiment itself goes to that git remote (`dvc exp push`), whence any clone takes it
+with `dvc exp pull`. Output: the lineage tags (`dvc.data/processed`, `dvc.data/tokenized`,
 `dvc.experiment`, `dvc.experiment_rev`), also set on the MLflow run, with the data reports as run
 artifacts and a `data-report` artifact in Prefect.
 """
@@ -16,17 +18,21 @@ from prefect.artifacts import create_markdown_artifact
 
 from chat_doctor.core.records import DataMade, DataVersion
 from chat_doctor.orchestration.steps import step
-from chat_doctor.tracking.lineage import push
+from chat_doctor.tracking.lineage import push, share_experiment
 from chat_doctor.tracking.mlflow_runs import log_artifact, set_tags
 
 
 def run_version_data(run_id: str, made: DataMade) -> DataVersion:
-    """dvc push the experiment's data; its lineage and reports go to the MLflow run."""
+    """dvc push the experiment's data (and the experiment to the team's git remote where one is set);
+    its lineage and reports go to the MLflow run."""
     push(made.rev)
-    set_tags(run_id, made.tags)
+    tags = dict(made.tags)
+    if shared := share_experiment(made.experiment):
+        tags["dvc.experiment_remote"] = shared
+    set_tags(run_id, tags)
     log_artifact(run_id, str(made.processed.report), "data/processed")
     log_artifact(run_id, str(made.tokenized.report), "data/tokenized")
-    return DataVersion(tags=made.tags)
+    return DataVersion(tags=tags)
 
 
 def data_summary(report: dict, version: DataVersion) -> str:

@@ -32,6 +32,7 @@ logger = get_logger(__name__)
 DATA_OUTPUTS = {"sample": "data/processed", "tokenize": "data/tokenized"}  # dvc.yaml's stages and outs
 # Config keys that the data stages read (dvc.yaml `params:`): a run's overrides of these go into its experiment.
 DVC_PARAM_PREFIXES = ("preset", "data.", "tokenize.", "model.")
+EXPERIMENTS_REMOTE = "CHAT_DOCTOR_EXPERIMENTS_REMOTE"  # a git remote that each run's experiment is pushed to
 
 
 class LineageError(RuntimeError):
@@ -166,11 +167,26 @@ def push(rev: str) -> None:
         if not name:
             logger.warning("no default DVC remote (`dvc remote add -d`): the data stays in this clone's cache")
             return
-        url = str(workspace.config["remote"][name]["url"])  # a local path comes resolved
+        # As this clone sees it: a local path resolved, with .dvc/config.local's settings.
+        remote = dict(workspace.config["remote"][name])
     # DVC reads the remote from the experiment's own config, where a relative url (the default
-    # `../dvc-remote`) would resolve against the root of the commit's tree: give it the resolved one.
-    with Repo(".", config={"remote": {name: {"url": url}}}) as repo:
+    # `../dvc-remote`) would resolve against the root of the commit's tree: give it this clone's.
+    with Repo(".", config={"remote": {name: remote}}) as repo:
         repo.push(revs=[rev], workspace=False)
+
+
+def share_experiment(name: str) -> str | None:
+    """`dvc exp push` of the run's experiment (its git ref: params.yaml and dvc.lock) to the git
+    remote that $CHAT_DOCTOR_EXPERIMENTS_REMOTE names (a worker's clone is temporary: this is how its
+    record outlives it); the data went to the DVC remote already. None when it is not set."""
+    git_remote = os.environ.get(EXPERIMENTS_REMOTE)
+    if not git_remote:
+        return None
+    # A remote's name, not a URL (which could carry a token into the run's tags).
+    if subprocess.run(["git", "remote", "get-url", git_remote], capture_output=True).returncode != 0:
+        raise LineageError(f"{EXPERIMENTS_REMOTE} = {git_remote!r} is not a git remote of this clone (`git remote -v`)")
+    _dvc("exp", "push", "--no-cache", git_remote, name)
+    return git_remote
 
 
 def fingerprint_of(report: Path) -> str:

@@ -1,5 +1,6 @@
-"""Trainer callbacks for the train step: MLflow logging, progress lines, completed-checkpoint markers,
-and the opt-in profiler. Imported by the training process only (it loads transformers)."""
+"""Trainer callbacks for the train step: MLflow logging, progress lines, completed-checkpoint markers
+(and their upload to the team's checkpoint store), and the opt-in profiler. Imported by the training
+process only (it loads transformers)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from transformers import TrainerCallback
 from chat_doctor.core import faults
 from chat_doctor.core.logs import get_logger
 from chat_doctor.tracking.mlflow_runs import log_metrics
+from chat_doctor.training.checkpoint_store import upload
 from chat_doctor.training.plan import COMPLETE
 
 logger = get_logger(__name__)
@@ -52,6 +54,8 @@ class MarkComplete(TrainerCallback):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         os.sync()
         (folder / COMPLETE).write_text(str(state.global_step))
+        if stored := upload(folder):  # the team's object store: any machine can resume from it
+            logger.info("checkpoint %s uploaded to %s", folder.name, stored)
 
 
 class MlflowLogger(TrainerCallback):
