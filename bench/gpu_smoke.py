@@ -24,11 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from chat_doctor.config import build_config
 from chat_doctor.models.embedded import MISTRAL_7B_SHAPE
-from tasks.evaluate import run_evaluate
-from tasks.merge import run_merge
-from tasks.sample import run_sample
-from tasks.tokenize import run_tokenize
-from tasks.train import run_train
 
 
 def build_random_7b(folder: Path, tokenizer_dir: Path | None) -> Path:
@@ -97,6 +92,14 @@ def main() -> None:
         timings[name] = round(time.perf_counter() - t0, 1)
         figures[f"{name}_peak_gib"] = _peak_gib()
         return result
+
+    # The tasks (and through them the orchestration stack) only here: build_random_7b is imported by
+    # benches that run where Prefect and boto3 are not installed.
+    from tasks.evaluate import run_evaluate
+    from tasks.merge import run_merge
+    from tasks.sample import run_sample
+    from tasks.tokenize import run_tokenize
+    from tasks.train import run_train
 
     processed = timed("sample", run_sample, cfg.data, args.out / "processed")
     tokenized = timed("tokenize", run_tokenize, cfg.tokenize, cfg.model, processed, args.out / "tokenized")

@@ -84,6 +84,16 @@ RECIPES: dict[str, dict] = {
     "fast+compile-again": {"kind": "ours", "preset": "mistral-7b", "bins": True, "reference": "fast",
                            "set": {"train.kernels": "none", "train.compile": True},
                            "what": "fast+compile once more: the inductor part of the compile comes from its cache"},
+    # train.fp8 (issue 32): the frozen base's products in fp8 (chat_doctor/training/fp8.py); the loss check
+    # against `fast` on the same batches is the numerics check.
+    "fast+fp8": {"kind": "ours", "preset": "mistral-7b", "set": {"train.fp8": True}, "bins": True,
+                 "reference": "fast", "what": "fast with the frozen base's products in fp8 e4m3, rowwise scales "
+                 "(train.fp8)"},
+    "fast+fp8+compile+loss": {"kind": "ours", "preset": "mistral-7b", "bins": True, "reference": "fast",
+                              "set": {"train.fp8": True, "train.kernels": "liger-loss", "train.compile": True},
+                              "what": "fast+fp8 with compiled decoder layers and liger's fused lm_head + loss"},
+    "lean+fp8": {"kind": "ours", "preset": "mistral-7b-lean", "set": {"train.fp8": True}, "bins": True,
+                 "reference": "fast", "what": "lean with the frozen base's products in fp8 (train.fp8)"},
     "lean": {"kind": "ours", "preset": "mistral-7b-lean", "set": {}, "bins": True, "reference": "fast",
              "what": "preset mistral-7b-lean: fast's micro-batches, recomputing each layer from its input "
              "kept in CPU memory, paged 8-bit AdamW"},
@@ -109,7 +119,7 @@ RECIPES: dict[str, dict] = {
                             "fair": True, "what": "unsloth with the varlen GQA work-around, no checkpointing"},
 }  # fmt: skip
 # The fair peer of each memory class: a recipe of ours not compared with it in the same run fails.
-PEER = {"fast": "unsloth-fair-nockpt", "lean": "unsloth-fair"}
+PEER = {"fast": "unsloth-fair-nockpt", "lean": "unsloth-fair", "fast+fp8": "unsloth-fair-nockpt"}
 REFERENCE = "plain"  # our recipes' losses are checked against this one unless they name theirs
 
 

@@ -25,6 +25,7 @@ from chat_doctor.core.choices import VARLEN
 from chat_doctor.core.logs import get_logger
 from chat_doctor.data.tokenized import IGNORE_INDEX, load_split
 from chat_doctor.models.loading import device, load_base_model, load_tokenizer, resolve_dtype
+from chat_doctor.training import fp8
 from chat_doctor.training.attention import register as register_varlen
 from chat_doctor.training.callbacks import profiler_callbacks
 
@@ -180,6 +181,10 @@ def adapted_model(cfg: Config):
         for param in model.parameters():
             if param.requires_grad:
                 param.data = param.data.to(dtype)
+    # train.fp8 (issue 32): the frozen base's products in fp8; auto = where the GPU has fp8 tensor cores.
+    # Not under FSDP, which shards the weights that fp8 replaces.
+    if not sharded(cfg) and fp8.resolve_fp8(cfg.train.fp8, resolve_dtype(cfg.model.compute_dtype)):
+        logger.info("train.fp8: %d base layers compute in fp8", fp8.fp8_base_layers(model))
     # No KV cache in training: with one, transformers would not derive per-row attention from the
     # position ids of packed batches.
     model.config.use_cache = False
