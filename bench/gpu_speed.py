@@ -36,7 +36,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # name: (how it runs, what it is). `ours` recipes are a preset plus overrides, trained by the
-# pipeline's own build_trainer; each lever is added to the one before it.
+# pipeline's own build_trainer; each lever is added to the one before it. Each starts from its preset
+# as it was before train.fp8 and compiled layers became the Mistral presets' defaults (issue 32), so
+# every lever keeps the meaning its figures in bench/RESULTS.md have; `shipped` recipes take the
+# preset exactly as it is now.
+BEFORE_FP8 = {"train.fp8": False, "train.compile": False, "train.kernels": "liger"}
 # Rows, not bins: 16 rows a micro-batch (however long), 4 a step, as the notebook counts.
 ROWS = {"train.pack_length": 0, "train.micro_batch_size": 16, "train.grad_accum": 4, "train.compile": False}
 LIGER_ROWS = {**ROWS, "train.kernels": "liger"}
@@ -68,8 +72,8 @@ RECIPES: dict[str, dict] = {
     "fast-rows": {"kind": "ours", "preset": "mistral-7b", "set": LIGER_ROWS,
                   "what": "-ckpt, torch's varlen flash attention per packed row (no mask)"},
     "fast": {"kind": "ours", "preset": "mistral-7b", "set": {}, "bins": True,
-             "what": "preset mistral-7b: fast-rows, micro-batches of 4 bins of <= 1,536 tokens (whole rows), "
-             "4 a step"},
+             "what": "preset mistral-7b before issue 32 (bf16, liger's kernels, uncompiled): fast-rows, "
+             "micro-batches of 4 bins of <= 1,536 tokens (whole rows), 4 a step"},
     "fast-2048": {"kind": "ours", "preset": "mistral-7b", "set": {"train.pack_length": 2048}, "bins": True,
                   "what": "fast with bins of <= 2,048 tokens"},
     "fast+flex": {"kind": "ours", "preset": "mistral-7b", "set": {"train.attention": "flex_attention"},
@@ -92,11 +96,22 @@ RECIPES: dict[str, dict] = {
     "fast+fp8+compile+loss": {"kind": "ours", "preset": "mistral-7b", "bins": True, "reference": "fast",
                               "set": {"train.fp8": True, "train.kernels": "liger-loss", "train.compile": True},
                               "what": "fast+fp8 with compiled decoder layers and liger's fused lm_head + loss"},
-    "lean+fp8": {"kind": "ours", "preset": "mistral-7b-lean", "set": {"train.fp8": True}, "bins": True,
-                 "reference": "fast", "what": "lean with the frozen base's products in fp8 (train.fp8)"},
+    "mistral-7b": {"kind": "ours", "preset": "mistral-7b", "set": {}, "shipped": True, "bins": True,
+                   "reference": "fast", "what": "preset mistral-7b as shipped: fast with train.fp8 auto (on here), "
+                   "compiled decoder layers and liger's fused lm_head + loss (= fast+fp8+compile+loss)"},
+    "lean+fp8": {"kind": "ours", "preset": "mistral-7b-lean", "bins": True,
+                 "set": {"train.fp8": True, "train.fp8_weights": "fp8"},
+                 "reference": "fast", "what": "lean with the frozen base's products in fp8, one fp8 copy of the "
+                 "weights (train.fp8)"},
+    "lean+fp8-4bit": {"kind": "ours", "preset": "mistral-7b-lean", "bins": True, "reference": "fast",
+                      "set": {"train.fp8": True, "train.fp8_weights": "4bit"},
+                      "what": "lean with fp8 products from the 4-bit weights, quantized for each product "
+                      "(train.fp8_weights: 4bit)"},
+    "mistral-7b-lean": {"kind": "ours", "preset": "mistral-7b-lean", "set": {}, "shipped": True, "bins": True,
+                        "reference": "fast", "what": "preset mistral-7b-lean as shipped (train.fp8 off: = lean)"},
     "lean": {"kind": "ours", "preset": "mistral-7b-lean", "set": {}, "bins": True, "reference": "fast",
-             "what": "preset mistral-7b-lean: fast's micro-batches, recomputing each layer from its input "
-             "kept in CPU memory, paged 8-bit AdamW"},
+             "what": "preset mistral-7b-lean before issue 32: fast's micro-batches, recomputing each layer from "
+             "its input kept in CPU memory, paged 8-bit AdamW"},
     "lean+compile": {"kind": "ours", "preset": "mistral-7b-lean", "bins": True, "reference": "fast",
                      "set": {"train.kernels": "liger-loss", "train.compile": True},
                      "what": "lean with compiled decoder layers and liger's fused lm_head + loss only"},
@@ -119,7 +134,10 @@ RECIPES: dict[str, dict] = {
                             "fair": True, "what": "unsloth with the varlen GQA work-around, no checkpointing"},
 }  # fmt: skip
 # The fair peer of each memory class: a recipe of ours not compared with it in the same run fails.
-PEER = {"fast": "unsloth-fair-nockpt", "lean": "unsloth-fair", "fast+fp8": "unsloth-fair-nockpt"}
+PEER = {
+    **dict.fromkeys(["fast", "fast+fp8", "fast+fp8+compile+loss", "mistral-7b"], "unsloth-fair-nockpt"),
+    **dict.fromkeys(["lean", "lean+fp8", "lean+fp8-4bit", "mistral-7b-lean"], "unsloth-fair"),
+}
 REFERENCE = "plain"  # our recipes' losses are checked against this one unless they name theirs
 
 
@@ -197,7 +215,8 @@ def _recipe_config(name: str, model: str, steps: int, warmup: int):
         raw = {"preset": "mistral-7b-original", "lora": {"target_modules": [
             "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]}}  # fmt: skip
     else:
-        raw = deep_merge({"preset": recipe["preset"]}, parse_overrides(recipe["set"]))
+        overrides = recipe["set"] if recipe.get("shipped") else {**BEFORE_FP8, **recipe["set"]}
+        raw = deep_merge({"preset": recipe["preset"]}, parse_overrides(overrides))
     raw = deep_merge(raw, {
         "runs_dir": "runs/bench", "model": {"base": model},
         "train": {"max_steps": warmup + steps, "logging_steps": 1, "save_steps": 10**6, "gpus": 1},
@@ -367,21 +386,23 @@ def table(results: dict, verdicts: dict) -> str:
     base = results.get("original", {}).get("tokens_per_s")
     fair = {p: results.get(p, {}).get("tokens_per_s") for p in ("unsloth-fair-nockpt", "unsloth-fair")}
     lines = [
-        "| recipe | what | tokens a step | real tokens/s | median step (p10-p90) | peak GiB | x original "
-        "| x unsloth fair, no ckpt | x unsloth fair, ckpt | check |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| recipe | what | tokens a step | real tokens/s | median step (p10-p90) | peak GiB | first step s "
+        "| host waits a step | x original | x unsloth fair, no ckpt | x unsloth fair, ckpt | check |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in results.items():
         if "tokens_per_s" not in r:
-            lines.append(f"| {name} | {RECIPES[name]['what']} | | failed | | | | | | {r.get('error', '')[-200:]!r} |")
+            failed = f"| {name} | {RECIPES[name]['what']} | | failed |" + " |" * 7
+            lines.append(f"{failed} {r.get('error', '')[-200:]!r} |")
             continue
         tps = r["tokens_per_s"]
         ratios = [f"{tps / ref:.2f}" if ref else "-" for ref in (base, *fair.values())]
         low, high = r.get("step_tokens_per_s_p10_p90", ["-", "-"])
+        first, waits = (f"{r[k]:.1f}" if r.get(k) is not None else "-" for k in ("first_step_s", "host_waits_per_step"))
         lines.append(
             f"| {name} | {RECIPES[name]['what']} | {r.get('tokens_per_step', 0):,} | {tps:,.0f} | "
-            f"{r.get('median_step_tokens_per_s', 0):,.0f} ({low:,.0f}-{high:,.0f}) | {r['peak_gib']:.1f} | "
-            f"{' | '.join(ratios)} | {verdicts.get(name, '-')} |"
+            f"{r.get('median_step_tokens_per_s', 0):,.0f} ({low:,.0f}-{high:,.0f}) | {r['peak_gib']:.1f} | {first} | "
+            f"{waits} | {' | '.join(ratios)} | {verdicts.get(name, '-')} |"
         )
     return "\n".join(lines)
 
@@ -439,9 +460,15 @@ def main() -> None:
     common = ["--work", str(args.work), "--model", data["model"], "--steps", str(args.steps),
               "--warmup", str(args.warmup)] + [a for r in args.rows for a in ("--rows", r)]  # fmt: skip
     adapter = args.work / "adapter-fast"
+    # Every child compiles into the project's cache (chat_doctor/training/compile_cache.py), as the
+    # train step's child does, whatever folder this runs from; a user's own setting wins. The first
+    # recipe that compiles a graph pays for it, a later one loads it (its first step says how fast).
+    from chat_doctor.training.compile_cache import COMPILE_CACHE
+
+    child_env = {"TORCHINDUCTOR_CACHE_DIR": str(ROOT / COMPILE_CACHE), **os.environ}
     for name in filter(None, args.recipes.split(",")):
         recipe = RECIPES[name]
-        env = dict(os.environ)
+        env = dict(child_env)
         if recipe["kind"] == "unsloth":
             if not args.peer_path:
                 results[name] = {"error": "no --peer-path given"}

@@ -38,15 +38,19 @@ from tasks.version_data import version_data
 
 
 @flow(name="finetune", on_failure=[fail_tracking], on_crashed=[fail_tracking])
-def finetune(overrides: dict[str, Any] | None = None) -> Registered:
-    """Fine-tune the base on the sampled data and register the adapter. `overrides`: dotted keys."""
+def finetune(
+    overrides: dict[str, Any] | None = None, tags: dict[str, str] | None = None, data_from: str | None = None
+) -> Registered:
+    """Fine-tune the base on the sampled data and register the adapter. `overrides`: dotted keys.
+    `tags`: added to the MLflow run. `data_from`: a DVC experiment made for runs of these data
+    settings (a sweep's), taken instead of making the data again."""
     overrides = overrides or {}
     cfg = prepare_config(overrides)
-    run_id = start_tracking(cfg)
-    made = data(cfg.data, overrides)
+    run_id = start_tracking(cfg, tags)
+    made = data(cfg.data, overrides, data_from)
     source = eval_source(cfg, made.processed)  # before anything is pushed: a bad eval file fails first
     version = version_data(run_id, made)
-    trained = train(cfg, made.tokenized, run_id)
+    trained = train(cfg, made.tokenized, run_id, made.experiment)
     merged = merge(cfg, trained, version)
     with registry_turn(cfg.registry.model_name):  # every version is judged against all before it
         evaluated = evaluate(cfg, made.tokenized, made.processed, merged, source, run_id)

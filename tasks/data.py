@@ -23,13 +23,17 @@ from chat_doctor.core.records import DataMade, Processed, Tokenized
 from chat_doctor.orchestration.steps import step
 from chat_doctor.tracking.lineage import (
     DATA_OUTPUTS,
+    check_made_for,
     data_hashes,
     data_overrides,
     experiment_lock,
+    fetch_experiment,
     fingerprint_of,
     materialize,
+    push,
     remove_experiment,
     run_data_experiment,
+    share_experiment,
 )
 
 logger = get_logger(__name__)
@@ -62,8 +66,29 @@ def run_data(cfg: DataConfig, overrides: dict[str, Any], name: str) -> DataMade:
     return made
 
 
+def run_shared_data(cfg: DataConfig, overrides: dict[str, Any], name: str) -> DataMade:
+    """Data made once for several runs (a sweep's trials with the same data settings), as experiment
+    `name`, pushed to the DVC remote and its git ref to $CHAT_DOCTOR_EXPERIMENTS_REMOTE, so that each
+    run, on any machine, takes it instead of making it again (`data_from`)."""
+    made = run_data(cfg, overrides, name)
+    push(made.rev)
+    share_experiment(name)
+    return made
+
+
+def run_data_from(name: str, overrides: dict[str, Any]) -> DataMade:
+    """The data of experiment `name`, made for other runs with the same data settings (checked)."""
+    rev = fetch_experiment(name)
+    check_made_for(rev, name, overrides)
+    logger.info("data: DVC experiment %s (%s), made once for the runs of these data settings", name, rev[:7])
+    return _read(name, rev)
+
+
 @step("data")
-def data(cfg: DataConfig, overrides: dict[str, Any]) -> DataMade:
+def data(cfg: DataConfig, overrides: dict[str, Any], data_from: str | None = None) -> DataMade:
+    """The run's data: made as its own experiment, or (`data_from`) an experiment made for it already."""
+    if data_from:
+        return run_data_from(data_from, overrides)
     if not Path(cfg.source).expanduser().exists() and not cfg.revision:
         logger.warning(
             "data.source %r has no data.revision: DVC cannot see a new commit of the dataset; "
@@ -71,3 +96,8 @@ def data(cfg: DataConfig, overrides: dict[str, Any]) -> DataMade:
             cfg.source,
         )
     return run_data(cfg, overrides, f"{flow_run.name}-{str(flow_run.id)[:8]}")
+
+
+@step("share-data")
+def share_data(cfg: DataConfig, overrides: dict[str, Any], name: str) -> DataMade:
+    return run_shared_data(cfg, overrides, name)

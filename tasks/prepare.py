@@ -13,6 +13,7 @@ from prefect import task
 
 from chat_doctor.config import Config, load_config
 from chat_doctor.core.layout import PARAMS_FILE
+from chat_doctor.orchestration.nodes import check_node_deployment
 from chat_doctor.tracking.servers import check_servers
 from chat_doctor.training.preflight import check_before_data
 
@@ -21,6 +22,8 @@ def run_prepare(overrides: dict[str, Any]) -> Config:
     cfg = load_config(PARAMS_FILE, overrides)
     check_before_data(cfg)
     check_servers()  # the tracking server and object store answer, with these keys
+    if cfg.train.nnodes > 1 and cfg.train.join == "work-pool":
+        check_node_deployment()  # the other machines join through the work pool
     return cfg
 
 

@@ -7,8 +7,13 @@ and `adapter/` (PEFT safetensors + tokenizer + the resolved config), written ato
 Train loss, learning rate, grad norm and tokens/s go to the MLflow run per logging step.
 
 The step launches the recipe (chat_doctor/training/recipe.py) in child process(es), relays their
-log into its own, and turns an out-of-memory into a retry with half the micro-batch. Another
-machine of a multi-node run joins with `python -m tasks.train join runs/<run>/attempt.json --node-rank N`.
+log into its own, and turns an out-of-memory into a retry with half the micro-batch.
+
+Several machines (train.nnodes > 1): with train.join = work-pool, node 0's step starts a `train-node`
+flow run per other node on the work pool (flows/train_node.py; `run_node` here), which fetches the
+run's data from the DVC remote and its checkpoint from the object store and meets node 0 at the
+rendezvous on node 0's address. With train.join = by-hand, each other machine, sharing the project's
+filesystem, runs `python -m tasks.train join runs/<run>/attempt.json --node-rank N`.
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ from chat_doctor.core.files import file_lock, write_json
 from chat_doctor.core.layout import RUNS_ROOT, RunFolder
 from chat_doctor.core.logs import get_logger
 from chat_doctor.core.records import Tokenized, Trained
+from chat_doctor.orchestration.nodes import finish_nodes, rendezvous_endpoint, start_nodes
 from chat_doctor.orchestration.steps import step
+from chat_doctor.tracking.lineage import DATA_OUTPUTS, data_hashes, experiment_lock, fetch_experiment, materialize
 from chat_doctor.tracking.mlflow_runs import set_tags
 from chat_doctor.training.checkpoint_store import restore
 from chat_doctor.training.launch import (
@@ -53,11 +60,17 @@ PROGRESS = re.compile(r"^step (\d+)/(\d+) \(\d+%\) loss (\S+), ([\d,]+) tokens/s
 
 
 def run_train(
-    cfg: Config, tokenized: Tokenized, mlflow_run_id: str | None = None, on_progress: Callable | None = None
+    cfg: Config,
+    tokenized: Tokenized,
+    mlflow_run_id: str | None = None,
+    on_progress: Callable | None = None,
+    experiment: str | None = None,
 ) -> Trained:
     """Train in child process(es), so that out-of-memory frees all of its memory; return the run folder.
 
     `on_progress`, if given, gets {step, steps, loss, tokens_per_s, eta} at each logging step.
+    `experiment`: the DVC experiment of `tokenized`, from which the other nodes of a multi-node run
+    (train.join = work-pool) fetch the same data.
 
     Raises OutOfMemory (after recording half the micro-batch for the next attempt, which resumes
     from the last complete checkpoint) or TrainingFailed for anything else, a kill included.
@@ -71,11 +84,21 @@ def run_train(
     run = run_folder_for(cfg, tokenized.train)
     waiting = f"waiting for another run that trains the same data and settings in {run.root}"
     with file_lock(run.lock, waiting):
-        return _attempt(cfg, tokenized, run, mlflow_run_id, world, on_progress)
+        return _attempt(cfg, tokenized, run, mlflow_run_id, world, on_progress, experiment)
+
+
+def _through_the_pool(cfg: Config) -> bool:
+    return cfg.train.nnodes > 1 and cfg.train.join == "work-pool"
 
 
 def _attempt(
-    cfg: Config, tokenized: Tokenized, run: RunFolder, mlflow_run_id: str | None, world: int, on_progress
+    cfg: Config,
+    tokenized: Tokenized,
+    run: RunFolder,
+    mlflow_run_id: str | None,
+    world: int,
+    on_progress,
+    experiment: str | None,
 ) -> Trained:
     """One training attempt in `run`, the run folder's lock held."""
     assert cfg.train.max_steps is not None  # derived from the epochs above
@@ -85,6 +108,10 @@ def _attempt(
     if restored := restore(run):  # this machine has none of the run's checkpoints; the store had one
         logger.info("resuming from %s, saved by another machine", Path(restored).name)
     cfg = apply_micro_batch(cfg, run)
+    if _through_the_pool(cfg):  # the other nodes meet this one, wherever the pool ran it
+        if experiment is None:
+            raise ConfigError("train.join = work-pool: the other nodes need the run's DVC experiment to fetch its data")
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"rdzv_endpoint": rendezvous_endpoint()})})
     attempt = {
         "config": cfg.model_dump(),
         "tokenized": tokenized.model_dump(mode="json"),
@@ -102,7 +129,28 @@ def _attempt(
                 "train.processes": world,
             },
         )
-    # The children's log lines (progress with ETA) are relayed line by line into this step's log.
+    nodes = []
+    if _through_the_pool(cfg):
+        nodes = start_nodes(cfg.train.nnodes, {"attempt": attempt, "experiment": experiment})
+    try:
+        returncode = _launch(cfg, run, on_progress)
+    finally:  # the other nodes end with this one (a node still waiting for a worker is cancelled)
+        node_problems = finish_nodes(nodes, wait_s=120) if nodes else []
+    results = outcomes(run)
+    if returncode == 0 and results and "run" in results[0] and not node_problems:
+        return Trained.model_validate(results[0])
+    failed = [r["error"] for r in results if "error" in r] + node_problems
+    # Another node's out-of-memory reaches this one as its flow run's message.
+    oom = [r["error"] for r in results if r.get("oom")] + [p for p in node_problems if "out of memory" in p.lower()]
+    if oom:
+        raise OutOfMemory(halve_micro_batch(cfg, run, oom[0]))
+    reason = "; ".join(failed) if failed else f"the training process ended with exit code {returncode}"
+    raise TrainingFailed(f"training failed: {reason}")
+
+
+def _launch(cfg: Config, run: RunFolder, on_progress: Callable | None) -> int:
+    """Run the attempt's process(es); their log lines (progress with ETA) are relayed line by line
+    into this step's log. Returns the exit code."""
     # Compiled code (train.compile) is cached in the project, not in the user's temp folder.
     env = {**os.environ}
     env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(RUNS_ROOT, "compile-cache").resolve()))
@@ -113,14 +161,30 @@ def _attempt(
             if on_progress and (found := PROGRESS.match(line)):
                 step_, steps, loss, rate, eta = found.groups()
                 on_progress({"step": int(step_), "steps": int(steps), "loss": loss, "tokens_per_s": rate, "eta": eta})
-    results = outcomes(run)
-    if child.returncode == 0 and results and "run" in results[0]:
-        return Trained.model_validate(results[0])
-    failed = [r for r in results if "error" in r]
-    if any(r.get("oom") for r in failed):
-        raise OutOfMemory(halve_micro_batch(cfg, run, next(r["error"] for r in failed if r.get("oom"))))
-    reason = failed[0]["error"] if failed else f"the training process ended with exit code {child.returncode}"
-    raise TrainingFailed(f"training failed: {reason}")
+    return child.returncode
+
+
+def run_node(attempt: dict[str, Any], experiment: str, node_rank: int) -> None:
+    """Node `node_rank` of node 0's multi-node attempt, on this machine: the same data (DVC experiment
+    `experiment`, read from the DVC remote), the newest checkpoint (from the object store), and the
+    rendezvous that node 0 set in the attempt's config."""
+    cfg = Config.model_validate(attempt["config"])
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"node_rank": node_rank})})
+    rev = fetch_experiment(experiment)
+    path = DATA_OUTPUTS["tokenize"]
+    tokenized = Tokenized.at(materialize(rev, path, data_hashes(experiment_lock(rev))[path]))
+    run = run_folder_for(cfg, tokenized.train)  # named by content and settings: node 0's folder name
+    with file_lock(run.lock, f"waiting for another training in {run.root}"):
+        if restored := restore(run):
+            logger.info("node %d resumes from %s, as node 0 does", node_rank, Path(restored).name)
+        write_json(run.attempt, {**attempt, "config": cfg.model_dump(), "tokenized": tokenized.model_dump(mode="json")})
+        clear_outcomes(run)
+        logger.info("node %d of %d meets node 0 at %s", node_rank, cfg.train.nnodes, cfg.train.rdzv_endpoint)
+        returncode = _launch(cfg, run, None)
+        failed = [r["error"] for r in outcomes(run) if "error" in r]
+    if returncode or failed:
+        reason = "; ".join(failed) or f"the training process ended with exit code {returncode}"
+        raise TrainingFailed(f"node {node_rank}: {reason}")
 
 
 def join(argv: list[str]) -> int:
@@ -168,8 +232,14 @@ def _progress_artifact() -> Callable[[dict], None]:
 # Retries are bounded by the halvings themselves: run_train stops below micro-batch 1 with what to
 # change. On an H100, Mistral-7B shapes at 1,024 tokens needed four (64 -> 4; bench/RESULTS.md).
 @step("train", retries=8, retry_condition_fn=_only_out_of_memory)
-def train(cfg: Config, tokenized: Tokenized, run_id: str) -> Trained:
-    return run_train(cfg, tokenized, run_id, on_progress=_progress_artifact())
+def train(cfg: Config, tokenized: Tokenized, run_id: str, experiment: str | None = None) -> Trained:
+    return run_train(cfg, tokenized, run_id, on_progress=_progress_artifact(), experiment=experiment)
+
+
+# Node 0 retries the whole attempt (its other nodes with it): a node's step is not retried on its own.
+@step("train-node")
+def train_node(attempt: dict[str, Any], experiment: str, node_rank: int) -> None:
+    run_node(attempt, experiment, node_rank)
 
 
 if __name__ == "__main__":

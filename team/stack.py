@@ -1,8 +1,8 @@
 """The servers a team shares, started on one machine for trying the team set-up and for the tests:
 PostgreSQL (MLflow's and Prefect's database), an S3 object store (SeaweedFS: MLflow's artifacts, the
-DVC remote, training checkpoints), the MLflow tracking server, the Prefect server, the work pool with
-the `finetune/default` deployment, and process workers in their own folders standing in for GPU
-machines.
+DVC remote, training checkpoints), the MLflow tracking server, the Prefect server, the work pools with
+the deployments of prefect.yaml, process workers in their own folders standing in for GPU machines,
+and the control pool's worker (sweeps).
 
     python -m team.stack up [--workers N]   # or `make team-up`
     python -m team.stack down               # or `make team-down`
@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BUCKET = "chat-doctor"
-POOL = "chat-doctor"
+POOL = "chat-doctor"  # the GPU machines' pool: one training at a time on each worker
+CONTROL_POOL = "chat-doctor-control"  # flows that only start and watch others (sweeps): no GPU, no limit
 ZOMBIES = "chat-doctor-zombie-runs"  # the automation that marks a run Crashed when its machine died
 DB_USER = "chatdoctor"
 DATABASES = ("mlflow", "prefect")
@@ -302,6 +303,9 @@ def start_mlflow(stack: Stack, keys: dict[str, str]) -> None:
         "MLFLOW_S3_ENDPOINT_URL": stack.url("s3"),
         "AWS_ACCESS_KEY_ID": keys["AWS_ACCESS_KEY_ID"],
         "AWS_SECRET_ACCESS_KEY": keys["AWS_SECRET_ACCESS_KEY"],
+        # The server's job runner (GenAI judges, trace roll-ups: nothing the pipeline uses) is ~10 more
+        # processes and ~2 GB of memory.
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     }
     command = [str(stack.bin / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(stack.ports["mlflow"])]
     _start(stack, "mlflow", [*command, "--workers", "2"], env)
@@ -339,13 +343,13 @@ def client_env(stack: Stack, keys: dict[str, str], prefect_home: Path) -> dict[s
 
 
 def deploy(stack: Stack, keys: dict[str, str]) -> None:
-    """The work pool and `finetune/default` from prefect.yaml, at the project's HEAD commit."""
+    """The work pools and the deployments of prefect.yaml (finetune, train-node, sweep) at the project's HEAD."""
     env = {**client_env(stack, keys, stack.home / "prefect-client"), "CHAT_DOCTOR_REPOSITORY": str(stack.project)}
     prefect = str(stack.bin / "prefect")
-    pools = subprocess.run([prefect, "work-pool", "inspect", POOL], env=env, capture_output=True, text=True)
-    if pools.returncode != 0:
-        _run([prefect, "work-pool", "create", POOL, "--type", "process"], env, stack.project)
-    _run([prefect, "--no-prompt", "deploy", "--name", "default"], env, stack.project)
+    for pool in (POOL, CONTROL_POOL):
+        if subprocess.run([prefect, "work-pool", "inspect", pool], env=env, capture_output=True).returncode != 0:
+            _run([prefect, "work-pool", "create", pool, "--type", "process"], env, stack.project)
+    _run([prefect, "--no-prompt", "deploy", "--all"], env, stack.project)
     automation = subprocess.run([prefect, "automation", "inspect", ZOMBIES], env=env, capture_output=True, text=True)
     if automation.returncode != 0 or "not found" in automation.stdout:
         _run(
@@ -361,9 +365,8 @@ def _run(command: list[str], env: dict[str, str], cwd: Path) -> None:
         raise SystemExit(f"`{' '.join(command[1:])}` failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
 
 
-def start_worker(stack: Stack, keys: dict[str, str], number: int, extra_env: dict[str, str] | None = None) -> None:
-    """A process worker in its own folder, as on its own GPU machine: one flow run at a time."""
-    folder = stack.home / f"worker-{number}"
+def _start_worker(stack: Stack, keys: dict[str, str], name: str, pool: str, options: list[str], extra_env) -> None:
+    folder = stack.home / name
     folder.mkdir(parents=True, exist_ok=True)
     env = client_env(stack, keys, folder / "prefect-home")
     # Each flow run gets a clone of the repository at the deployment's commit (prefect.yaml's pull step);
@@ -374,8 +377,18 @@ def start_worker(stack: Stack, keys: dict[str, str], number: int, extra_env: dic
     if os.environ.get("CHAT_DOCTOR_MODELS_DIR"):
         env["CHAT_DOCTOR_MODELS_DIR"] = os.environ["CHAT_DOCTOR_MODELS_DIR"]
     env.update(extra_env or {})
-    command = [str(stack.bin / "prefect"), "worker", "start", "--pool", POOL, "--name", f"worker-{number}"]
-    _start(stack, f"worker-{number}", [*command, "--limit", "1"], env, cwd=folder)
+    command = [str(stack.bin / "prefect"), "worker", "start", "--pool", pool, "--name", name, *options]
+    _start(stack, name, command, env, cwd=folder)
+
+
+def start_worker(stack: Stack, keys: dict[str, str], number: int, extra_env: dict[str, str] | None = None) -> None:
+    """A process worker in its own folder, as on its own GPU machine: one flow run at a time."""
+    _start_worker(stack, keys, f"worker-{number}", POOL, ["--limit", "1"], extra_env)
+
+
+def start_control_worker(stack: Stack, keys: dict[str, str]) -> None:
+    """The worker of the control pool (sweeps), as on the servers' machine: it trains nothing."""
+    _start_worker(stack, keys, "control", CONTROL_POOL, [], None)
 
 
 def up(project: Path, workers: int = 2) -> Stack:
@@ -389,6 +402,7 @@ def up(project: Path, workers: int = 2) -> Stack:
     deploy(stack, keys)
     for number in range(1, workers + 1):
         start_worker(stack, keys, number)
+    start_control_worker(stack, keys)
     variables = user_env(stack, keys)
     _write_private(stack.home / "env", "".join(f"export {name}={value}\n" for name, value in variables.items()))
     return stack
@@ -398,7 +412,7 @@ def down(project: Path) -> None:
     stack = stack_of(project)
     for pidfile in sorted(stack.home.glob("worker-*.pid")):
         _stop(stack, pidfile.stem)
-    for name in ("prefect", "mlflow", "s3"):
+    for name in ("control", "prefect", "mlflow", "s3"):
         _stop(stack, name)
     stop_postgres(stack)
 
@@ -416,7 +430,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"Prefect UI  {stack.url('prefect')}\nMLflow UI   {stack.url('mlflow')}\nS3          {stack.url('s3')}"
         f" (bucket {BUCKET})\nPostgreSQL  127.0.0.1:{stack.ports['pg']}\n"
-        f"Workers     {args.workers} in .local/team/worker-*/ (pool {POOL})\n"
+        f"Workers     {args.workers} in .local/team/worker-*/ (pool {POOL}), and control/ (pool {CONTROL_POOL})\n"
         "In your shell: source .local/team/env; then: prefect deployment run finetune/default --watch"
     )
 

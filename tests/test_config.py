@@ -81,10 +81,12 @@ def test_mistral_7b_preset_is_the_fast_recipe():
     assert (t.packing, t.attention, t.kernels, t.upcast_layers, t.gradient_checkpointing) == (
         True,
         "varlen",
-        "liger",
+        "liger-loss",
         False,
         False,
     )
+    # fp8 products where the GPU has them (bf16 elsewhere), one fp8 copy of the base; compiled layers.
+    assert (t.fp8, t.fp8_weights, t.compile) == ("auto", "fp8", True)
     assert (t.pack_length, t.micro_batch_size, t.grad_accum, t.gpus, t.strategy) == (1536, 4, 4, "auto", "ddp")
     assert (cfg.data.rows, cfg.data.eval_fraction, cfg.data.source) == (
         5000,
@@ -100,6 +102,13 @@ def test_lean_and_original_presets():
     assert (lean.train.pack_length, lean.train.epochs) == (fast.pack_length, fast.epochs) == (1536, 1)
     assert (lean.train.micro_batch_size, lean.train.grad_accum) == (4, 4)  # mistral-7b's micro-batches
     assert lean.train.checkpoint_offload and lean.train.optim == "paged_adamw_8bit"
+    # fp8 off until measured on it; turned on, made from the 4-bit weights (no fp8 copy); not compiled.
+    assert (lean.train.fp8, lean.train.fp8_weights, lean.train.compile, lean.train.kernels) == (
+        False,
+        "4bit",
+        False,
+        "liger",
+    )
     # No step needs more GPU memory than training: the merge in host memory, evaluation in 4 bit.
     assert (lean.merge.device, lean.merge.dtype, lean.evaluate.load_in_4bit) == ("cpu", "bfloat16", True)
     assert (fast.max_steps, build_config({"preset": "mistral-7b"}).merge.device) == (None, "auto")

@@ -62,7 +62,7 @@ def test_two_processes_train_one_adapter_at_the_same_effective_batch(project, ca
 def test_gpu_only_settings_are_refused_on_a_cpu(project):
     cfg = build_config({"preset": "mistral-7b", "model": {"base": "tiny"}})
     with pytest.raises(
-        ConfigError, match=re.escape("train.kernels = liger needs a CUDA GPU; on a CPU set train.kernels: none")
+        ConfigError, match=re.escape("train.kernels = liger-loss needs a CUDA GPU; on a CPU set train.kernels: none")
     ):
         run_train(cfg, TOKENIZED)
     cfg = build_config({"preset": "mistral-7b", "model": {"base": "tiny"}, "train": {"kernels": "none"}})
@@ -99,3 +99,18 @@ def test_join_refuses_a_single_node_attempt_and_a_bad_rank(tmp_path):
     join[-1] = "2"
     done = subprocess.run(join, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     assert done.returncode != 0 and "--node-rank must be 1 .. 1 (train.nnodes = 2)" in done.stderr
+
+
+def test_several_machines_through_the_pool_need_a_deployment(project, monkeypatch):
+    """train.join = work-pool outside a deployment's flow run: refused before any data step, saying
+    what to do; the rendezvous node 0 offers is this machine's address and a port free now."""
+    from chat_doctor.orchestration.nodes import ADDRESS_ENV, NodesError, rendezvous_endpoint
+    from tasks.prepare import run_prepare
+
+    with pytest.raises(NodesError, match=r"prefect deployment run finetune/default.*or set train\.join: by-hand"):
+        run_prepare({"train.nnodes": 2})
+    assert not Path("data/processed").exists()
+    run_prepare({"train.nnodes": 2, "train.join": "by-hand"})  # the shared-filesystem way needs no pool
+    monkeypatch.setenv(ADDRESS_ENV, "127.0.0.1")
+    host, port = rendezvous_endpoint().rsplit(":", 1)
+    assert host == "127.0.0.1" and 1024 <= int(port) < 65536

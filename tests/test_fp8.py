@@ -16,7 +16,17 @@ from pydantic import ValidationError
 
 from chat_doctor.config import TrainConfig, build_config, cli_overrides
 from chat_doctor.training import fp8
-from chat_doctor.training.fp8 import E4M3, E5M2, Fp8Linear, fp8_base_layers, fp8_mm, quantize_rowwise, resolve_fp8
+from chat_doctor.training.fp8 import (
+    E4M3,
+    E5M2,
+    Fp8Linear,
+    Fp8LinearOnTheFly,
+    fp8_base_layers,
+    fp8_mm,
+    quantize_rowwise,
+    quantize_rowwise_transposed,
+    resolve_fp8,
+)
 
 U = {E4M3: 2.0**-4, E5M2: 2.0**-3}  # unit roundoff: half the gap between neighbouring fp8 values
 # Below the smallest normal value the gap is fixed: 2^-9 (e4m3), 2^-16 (e5m2) in scaled units.
@@ -38,6 +48,13 @@ def test_the_key_rejects_other_values_and_fsdp():
     with pytest.raises(ValidationError, match=r"train\.fp8"):
         TrainConfig(fp8=True, strategy="fsdp", upcast_layers=False)
     assert TrainConfig(fp8="auto", strategy="fsdp", upcast_layers=False).fp8 == "auto"  # resolved off at run time
+
+
+def test_the_weights_key_takes_fp8_or_4bit():
+    assert TrainConfig().fp8_weights == "fp8"
+    assert TrainConfig(fp8=True, fp8_weights="4bit").fp8_weights == "4bit"
+    with pytest.raises(ValidationError, match="fp8_weights"):
+        TrainConfig(fp8_weights="nf4")
 
 
 def test_the_key_from_the_command_line():
@@ -139,6 +156,39 @@ def test_the_weight_is_frozen_and_held_once():
     assert torch.equal(both.w_q_t.float(), both.w_q.t().float())
 
 
+def test_the_transposed_quantizer_writes_the_transpose_row_major_with_a_scale_per_column():
+    t = torch.randn(40, 64) * torch.logspace(-2, 2, 64)  # columns of very different size
+    q_t, scale = quantize_rowwise_transposed(t)
+    assert q_t.shape == (64, 40) and q_t.is_contiguous() and scale.shape == (64, 1)
+    reference_q, reference_scale = quantize_rowwise(t.t().contiguous())
+    assert torch.equal(q_t.float(), reference_q.float()) and torch.equal(scale, reference_scale)
+
+
+def test_quantized_on_the_fly_the_forward_is_the_held_copys_and_the_gradient_within_bounds():
+    """train.fp8_weights: 4bit quantizes the weight for each product: the forward rounds it exactly as
+    the held copy does; the input gradient uses a scale per input column instead of per output row,
+    so it differs from the copy's, within the same fp8 bounds."""
+    torch.manual_seed(2)
+    m, k, n = 80, 192, 144
+    base = torch.nn.Linear(k, n, bias=True)
+    x = torch.randn(2, m // 2, k, dtype=torch.float64)
+    grad_y = torch.randn(2, m // 2, n, dtype=torch.float64)
+    held = Fp8Linear(base.weight.detach(), base.bias, keep_transposed=False, grad_dtype=E4M3)
+    fly = Fp8LinearOnTheFly(base, grad_dtype=E4M3)
+    assert list(fly.parameters()) == list(base.parameters())  # the base's own weights, nothing more
+    xs = [x.float().requires_grad_() for _ in range(2)]
+    ys = [layer(xi) for layer, xi in zip((held, fly), xs, strict=True)]
+    assert torch.equal(ys[0], ys[1])
+    for y in ys:
+        y.backward(grad_y.float())
+    weight = base.weight.detach().double()
+    gx_ref = grad_y.reshape(m, n) @ weight
+    got = xs[1].grad.reshape(m, k).double()
+    assert ((got - gx_ref).abs() <= _error_bound(grad_y.reshape(m, n), weight)).all()
+    assert 0.01 < float((got - gx_ref).norm() / gx_ref.norm()) < 0.05
+    assert base.weight.grad is None  # frozen: no weight gradient is made
+
+
 def test_held_and_on_the_fly_transposes_give_the_same_gradient():
     weight, x = torch.randn(64, 32), torch.randn(5, 7, 32)  # leading dimensions are kept
     grads = []
@@ -215,6 +265,30 @@ def test_the_4bit_base_of_the_pipeline_becomes_fp8():
     out = model(input_ids=ids, labels=ids)
     # 28 products of ~3.7% error each, compounding through 4 random layers: 6% seen; a weight
     # dequantized from the wrong layout (bitsandbytes re-lays it out on a CPU forward) gave 140%.
+    assert float((out.logits.detach() - before).norm() / before.norm()) < 0.15
+    out.loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_the_4bit_base_kept_when_fp8_is_made_on_the_fly():
+    """train.fp8_weights: 4bit on the tiny Mistral as training loads it: every projection computes in
+    fp8, the 4-bit weights stay (the same parameters, no fp8 copy), and the adapters still train."""
+    from chat_doctor.training.trainer import adapted_model
+
+    cfg = build_config({"preset": "cpu-tiny", "train": {"fp8": "auto", "fp8_weights": "4bit"}})
+    model = adapted_model(cfg)
+    ids = torch.randint(0, 1000, (1, 24))
+    before = model(input_ids=ids).logits.detach()
+    params_before = {n: p.data_ptr() for n, p in model.named_parameters()}
+
+    swapped = fp8_base_layers(model, weights="4bit")
+    assert swapped == len(cfg.lora.target_modules) * model.config.num_hidden_layers
+    assert sum(isinstance(m, Fp8LinearOnTheFly) for m in model.modules()) == swapped
+    assert not any(isinstance(m, Fp8Linear) for m in model.modules())
+    params_after = {n.replace(".base_layer.base.", ".base_layer."): p.data_ptr() for n, p in model.named_parameters()}
+    assert params_after == params_before  # the same tensors: the 4-bit weights are neither copied nor freed
+    assert any(type(p).__name__ == "Params4bit" for p in model.parameters())
+    out = model(input_ids=ids, labels=ids)
     assert float((out.logits.detach() - before).norm() / before.norm()) < 0.15
     out.loss.backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)

@@ -265,6 +265,7 @@ def test_evaluation_report_and_all_or_nothing_registration(shared, tmp_path, mon
         assert int(client.get_model_version_by_alias(name, "champion").version) == 1
 
 
+@pytest.mark.full
 def test_profile_env_writes_where_two_training_steps_spend_their_time(project, monkeypatch, tmp_path):
     import gzip
 
@@ -277,6 +278,7 @@ def test_profile_env_writes_where_two_training_steps_spend_their_time(project, m
     assert any(event.get("name") == "aten::mm" for event in trace["traceEvents"])
 
 
+@pytest.mark.full
 def test_the_same_seed_and_data_train_the_same_adapter(project, tmp_path):
     """train.seed: same seed + data = same adapter, whatever the process drew before (LoRA's A
     matrices start random); another seed starts from other A matrices."""

@@ -177,3 +177,38 @@ def test_out_of_memory_halves_the_bins_of_a_micro_batch_then_names_pack_length(t
     one = cfg.model_copy(update={"train": cfg.train.model_copy(update={"micro_batch_size": 1, "grad_accum": 16})})
     with pytest.raises(TrainingFailed, match=re.escape("lower train.pack_length (and tokenize.max_length)")):
         halve_micro_batch(one, run, "CUDA out of memory")
+
+
+def test_a_packed_micro_batch_is_counted_without_reading_the_gpu(monkeypatch):
+    """The Trainer counts real tokens on the device and reads the sum back, a host wait per
+    micro-batch; a packed micro-batch has no padding, so its length is the count."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from chat_doctor.training.trainer import PackedTrainer
+
+    def no_read_back(self):
+        raise AssertionError("a value was read back from the device")
+
+    monkeypatch.setattr(torch.Tensor, "item", no_read_back)
+    args = SimpleNamespace(include_num_input_tokens_seen="non_padding")
+    trainer = SimpleNamespace(args=args, state=SimpleNamespace(num_input_tokens_seen=7))
+    batch = {"input_ids": torch.ones(1, 1500, dtype=torch.long), "position_ids": torch.zeros(1, 1500, dtype=torch.long)}
+    PackedTrainer._track_num_input_tokens(trainer, batch)
+    assert trainer.state.num_input_tokens_seen == 1507
+    trainer.args.include_num_input_tokens_seen = "no"
+    PackedTrainer._track_num_input_tokens(trainer, batch)
+    assert trainer.state.num_input_tokens_seen == 1507
+
+
+def test_batches_are_pinned_and_copied_without_waiting_on_a_gpu(monkeypatch):
+    from chat_doctor.training import trainer as training
+
+    cfg = build_config({"preset": "cpu-tiny", "model": {"compute_dtype": "float32"}})
+    args = training.training_args(cfg, Path("unused"))
+    assert not args.dataloader_pin_memory and not args.accelerator_config.non_blocking  # nothing to pin for
+    monkeypatch.setattr(training, "device", lambda: "cuda")
+    monkeypatch.setattr(training, "TrainingArguments", lambda **kwargs: kwargs)  # as they would be passed
+    kwargs = training.training_args(cfg, Path("unused"))
+    assert kwargs["dataloader_pin_memory"] and kwargs["accelerator_config"] == {"non_blocking": True}

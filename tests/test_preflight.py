@@ -23,6 +23,6 @@ def test_a_t4_class_gpu_is_told_every_key_the_preset_needs_changed(monkeypatch):
     assert lines[0] == "on this Tesla T4:"
     assert re.search(r"train.attention = varlen needs flash attention .* 7.5\): set train.attention: sdpa", lines[1])
     assert "model.compute_dtype = bfloat16: this GPU has no bf16" in lines[2]
-    assert "train.kernels = liger needs the liger-kernel package: `make venv EXTRAS=dev,gpu`" in lines[3]
+    assert "train.kernels = liger-loss needs the liger-kernel package: `make venv EXTRAS=dev,gpu`" in lines[3]
     fixed = {"base": "tiny"}, {"attention": "sdpa", "kernels": "none"}
     check_device(build_config({"preset": "mistral-7b", "model": fixed[0], "train": fixed[1]}))  # runs

@@ -33,6 +33,7 @@ def test_out_of_memory_at_micro_batch_one_says_what_to_change(project, prefect_s
 
 
 @pytest.mark.slow
+@pytest.mark.full
 def test_sigkill_while_a_checkpoint_is_written_resumes_from_the_one_before(project, monkeypatch):
     """SIGKILL while checkpoint-4 is written: that checkpoint is left unmarked (a torn one), and the
     next attempt ignores it, resumes from checkpoint-2 and finishes."""

@@ -158,3 +158,22 @@ def test_remote_code_in_a_model_folder_is_not_run_by_default(tmp_path, tiny_mode
     assert cfg.model.trust_remote_code is False
     model = load_base_model(cfg.model, quantized=False)
     assert type(model).__name__ == "MistralForCausalLM" and not ran.exists()
+
+
+def test_the_team_secrets_are_masked_in_messages(monkeypatch):
+    """The object store's keys, the database password and a URL's password, wherever a message shows them."""
+    from chat_doctor.config import ConfigError, redact
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzEXAMPLEKEY")
+    monkeypatch.setenv("CHAT_DOCTOR_DB_PASSWORD", "s3cr3t-db-pass")
+    text = redact(
+        "boto3 said wJalrXUtnFEMI/K7MDENG/bPxRfiCYzEXAMPLEKEY; db s3cr3t-db-pass; "
+        "postgresql+psycopg2://chatdoctor:other-pass@10.0.0.5:5432/mlflow http://u:pw123@mlflow:5001 s3://bucket/x"
+    )
+    assert text == (
+        "boto3 said ***; db ***; postgresql+psycopg2://chatdoctor:***@10.0.0.5:5432/mlflow http://u:***@mlflow:5001 "
+        "s3://bucket/x"
+    )
+    for key in ("aws_secret_access_key", "aws_access_key_id", "db_password"):
+        with pytest.raises(ConfigError, match=f"unknown key `data.{key}`: secrets never go in params.yaml"):
+            build_config({"data": {key: "x"}})

@@ -23,6 +23,7 @@ from chat_doctor.config.overrides import cli_overrides as _cli_overrides
 from chat_doctor.config.overrides import nest
 from chat_doctor.config.presets import PRESETS, deep_merge
 from chat_doctor.config.secrets import HUB_TOKEN_ENV, SECRET_KEY, redact
+from chat_doctor.config.sweep import SweepConfig
 from chat_doctor.config.training import LoraConfig, TrainConfig, effective_batch, split_for_processes
 from chat_doctor.core.layout import PARAMS_FILE, RUNS_ROOT
 
@@ -39,6 +40,7 @@ __all__ = [
     "MergeConfig",
     "ModelConfig",
     "RegisterConfig",
+    "SweepConfig",
     "TokenizeConfig",
     "TrainConfig",
     "build_config",
@@ -46,6 +48,7 @@ __all__ = [
     "deep_merge",
     "effective_batch",
     "flatten",
+    "is_config_key",
     "load_config",
     "parse_overrides",
     "read_params",
@@ -70,6 +73,7 @@ class Config(Section):
     registry: RegisterConfig = RegisterConfig()
     chat: ChatConfig = ChatConfig()
     export: ExportConfig = ExportConfig()
+    sweep: SweepConfig = SweepConfig()
 
     @model_validator(mode="after")
     def _sections_fit_together(self) -> Config:
@@ -142,6 +146,17 @@ def _kind_of(key: str) -> str:
     if annotation is str:
         return "text"
     return "optional text" if annotation == str | None else "yaml"
+
+
+def is_config_key(key: str) -> bool:
+    """Whether a dotted key (`lora.r`) names a setting of the config (not a section)."""
+    model: Any = Config
+    for part in key.split("."):
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return False
+        model = fields[part].annotation
+    return not (isinstance(model, type) and issubclass(model, Section))
 
 
 def cli_overrides(items: list[str]) -> dict[str, Any]:

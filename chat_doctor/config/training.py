@@ -101,9 +101,10 @@ class TrainConfig(Section):
     compile: bool = Field(
         False,
         description="torch.compile each decoder layer but the first (dynamic shapes): with kernels: "
-        "liger-loss, 1.17x the tokens/s of the mistral-7b preset on an H200, but the first step spends "
-        "~47 s tracing and compiling (the inductor cache in runs/compile-cache keeps part of it), so it "
-        "pays past ~4.5M tokens. Needs kernels: none or liger-loss (dynamo rejects liger's layer kernels).",
+        "liger-loss, 1.17x the tokens/s of liger's layer kernels in bf16, and with fp8 it fuses the quantizing "
+        "passes (1.29x over fp8 uncompiled, on an H100). The first run on a machine spends ~50-70 s of its "
+        "first step compiling; what it compiled is kept in runs/compile-cache and loaded by later runs. "
+        "Needs kernels: none or liger-loss (dynamo rejects liger's layer kernels). Not under strategy: fsdp.",
     )
     # train.fp8 (issue 32; chat_doctor/training/fp8.py).
     fp8: bool | Literal["auto"] = Field(
@@ -114,6 +115,13 @@ class TrainConfig(Section):
         "1.11x mistral-7b's tokens/s, 1.29x with compile + kernels: liger-loss; losses within 0.9% of bf16's "
         "(bench/notes-fp8.md). auto = on for GPUs of compute capability 8.9+ computing in bf16, else bf16 "
         "products without error; true = on, or an error saying why not. Not with strategy: fsdp.",
+    )
+    fp8_weights: Literal["fp8", "4bit"] = Field(
+        "fp8",
+        description="With train.fp8, how the frozen base's weights are held. fp8: one fp8 copy of each, made once "
+        "(1 byte a parameter; the 4-bit weights are freed: +3.2 GiB peak on Mistral-7B), the fastest. 4bit: the "
+        "4-bit weights stay and every product quantizes its weight to fp8 on the fly (no memory beyond the 4-bit "
+        "base, one more pass over each weight per product): for a memory-bound recipe such as mistral-7b-lean.",
     )
     attention: Literal["sdpa", "varlen", "flex_attention", "eager"] = Field(
         "sdpa",
@@ -134,7 +142,16 @@ class TrainConfig(Section):
     nnodes: int = Field(1, gt=0, description="Machines taking part; each runs the step with its node_rank.")
     node_rank: int = Field(0, ge=0, description="This machine's rank, 0 .. nnodes-1.")
     rdzv_endpoint: str = Field(
-        "127.0.0.1:29500", description="host:port of node 0, where the processes of all machines meet (nnodes > 1)."
+        "127.0.0.1:29500",
+        description="host:port of node 0, where the processes of all machines meet (nnodes > 1, join: by-hand).",
+    )
+    join: Literal["work-pool", "by-hand"] = Field(
+        "work-pool",
+        description="How the other machines of a multi-node run (nnodes > 1) take part. work-pool: node 0's "
+        "train step starts a `train-node` flow run per other node on the Prefect work pool (a worker on each "
+        "machine; the data comes from the DVC remote, checkpoints from $CHAT_DOCTOR_CHECKPOINTS) and sets the "
+        "rendezvous to its own address. by-hand: each machine runs `python -m tasks.train join` with the "
+        "project on a shared filesystem, meeting at rdzv_endpoint.",
     )
     logging_steps: int = Field(5, gt=0, description="Loss, token rate and memory printed and logged every K steps.")
     save_steps: int = Field(20, gt=0, description="Checkpoint every K steps (resume point after a crash).")

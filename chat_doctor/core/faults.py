@@ -6,6 +6,8 @@ CHAT_DOCTOR_FAULTS=oom_at_step=3,kill_at_save=4 (comma-separated NAME=VALUE):
   fail_at_step=N       a plain failure at the end of training step N
   kill_at_save=N       SIGKILL while checkpoint N is written (before it is marked complete)
   kill_in_register=after-version   SIGKILL between creating a registry version and completing it
+  pause_after_save=N   stop for 10 minutes once checkpoint N is saved (and uploaded): time to kill the machine
+  pause_in_register=S  stop for S seconds between creating a registry version and completing it
   eval_oom_at_batch=N  out-of-memory whenever an evaluation batch has N rows
 
 The training and registration faults fire once per run folder (a marker there records it), so the
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 from chat_doctor.core.logs import get_logger
@@ -23,7 +26,16 @@ from chat_doctor.core.logs import get_logger
 logger = get_logger(__name__)
 
 FAULTS_ENV = "CHAT_DOCTOR_FAULTS"
-NAMES = ("oom_at_step", "fail_at_step", "kill_at_save", "kill_in_register", "eval_oom_at_batch")
+NAMES = (
+    "oom_at_step",
+    "fail_at_step",
+    "kill_at_save",
+    "kill_in_register",
+    "eval_oom_at_batch",
+    "pause_after_save",
+    "pause_in_register",
+)
+PAUSE_AFTER_SAVE_SECONDS = 600
 
 
 def env(**faults: object) -> dict[str, str]:
@@ -61,6 +73,8 @@ def kill_in_register(run_dir: Path) -> None:
     """SIGKILL this process once, between creating a registry version and completing it."""
     if fires("kill_in_register", "after-version", run_dir):
         os.kill(os.getpid(), signal.SIGKILL)
+    if (seconds := planned().get("pause_in_register")) and fires("pause_in_register", seconds, run_dir):
+        time.sleep(float(seconds))
 
 
 def eval_out_of_memory(batch_size: int) -> None:

@@ -46,3 +46,16 @@ def api_url_for_this_run() -> str | None:
             return url
     logger.info("Prefect: a temporary server for this run (start the project's with `make server` to keep its history)")
     return None
+
+
+def deployment_exists(name: str) -> bool:
+    """Whether deployment `flow/name` is on the Prefect server this process uses."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            return False
+    return True

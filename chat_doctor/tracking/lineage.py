@@ -189,5 +189,39 @@ def share_experiment(name: str) -> str | None:
     return git_remote
 
 
+def fetch_experiment(name: str) -> str:
+    """The commit of experiment `name`: this clone's, or fetched (params.yaml and dvc.lock; the data
+    stays in the DVC remote until read) from the git remote $CHAT_DOCTOR_EXPERIMENTS_REMOTE, where the
+    machine that made it pushed it."""
+    if rev := experiment_rev(name):
+        return rev
+    git_remote = os.environ.get(EXPERIMENTS_REMOTE)
+    if not git_remote:
+        raise LineageError(f"DVC experiment {name} is not in this clone, and {EXPERIMENTS_REMOTE} names no git remote")
+    _dvc("exp", "pull", "--no-cache", git_remote, name)
+    if rev := experiment_rev(name):
+        return rev
+    raise LineageError(f"DVC experiment {name} is not on git remote {git_remote!r} at this commit")
+
+
+def check_made_for(rev: str, name: str, overrides: dict[str, Any]) -> None:
+    """Refuse the data of experiment `name` (commit `rev`) for a run whose data settings (params.yaml
+    + `overrides` of the preset, model, data and tokenize keys) differ from those it was made with."""
+    from chat_doctor.config import build_config, deep_merge, parse_overrides, read_params
+
+    ours = build_config(deep_merge(read_params(), parse_overrides(data_overrides(overrides))))
+    theirs = build_config(yaml.safe_load(_git("show", f"{rev}:params.yaml")) or {}, f"{name}: params.yaml")
+    differ = [
+        f"{section}.{key}: {getattr(theirs, section).model_dump()[key]!r} there, {value!r} here"
+        for section in ("model", "data", "tokenize")
+        for key, value in getattr(ours, section).model_dump().items()
+        if getattr(theirs, section).model_dump()[key] != value
+    ]
+    if ours.preset != theirs.preset:
+        differ.insert(0, f"preset: {theirs.preset!r} there, {ours.preset!r} here")
+    if differ:
+        raise LineageError(f"DVC experiment {name} was made with other data settings: {'; '.join(differ)}")
+
+
 def fingerprint_of(report: Path) -> str:
     return json.loads(report.read_text())["fingerprint"]

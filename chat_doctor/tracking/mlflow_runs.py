@@ -141,6 +141,12 @@ def reopen_run(flow_run_id: str) -> str | None:
     return runs[0].info.run_id
 
 
+def run_of_flow_run(flow_run_id: str) -> str | None:
+    """The MLflow run of a Prefect flow run, or None."""
+    runs = _runs_of(flow_run_id)
+    return runs[0].info.run_id if runs else None
+
+
 def fail_runs_of(flow_run_id: str) -> None:
     """Mark the MLflow runs of a failed Prefect flow run FAILED, so none looks finished."""
     for run in _runs_of(flow_run_id, status="RUNNING"):

@@ -125,13 +125,27 @@ class FaultInjector(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class PauseAfterSave(TrainerCallback):
+    """Opt-in: stops once checkpoint N is saved, marked and uploaded, so a test can kill the machine
+    mid-training (after MarkComplete in the list)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and faults.fires("pause_after_save", state.global_step, self.run_dir):
+            time.sleep(faults.PAUSE_AFTER_SAVE_SECONDS)
+
+
 TRAINING_FAULTS = {"oom_at_step", "fail_at_step", "kill_at_save"}
 
 
 def callbacks(run_dir: Path, run_id: str | None) -> list:
-    # Fault injection only when one is armed (nothing on the production path), before MarkComplete.
-    armed = [FaultInjector(run_dir)] if TRAINING_FAULTS & faults.planned().keys() else []
-    return [MlflowLogger(run_id), Progress(), *armed, MarkComplete()]
+    # Fault injection only when one is armed (nothing on the production path), around MarkComplete.
+    planned = faults.planned().keys()
+    armed = [FaultInjector(run_dir)] if TRAINING_FAULTS & planned else []
+    paused = [PauseAfterSave(run_dir)] if "pause_after_save" in planned else []
+    return [MlflowLogger(run_id), Progress(), *armed, MarkComplete(), *paused]
 
 
 PROFILE_ENV = "CHAT_DOCTOR_PROFILE"  # a folder: where the time of two training steps goes, per process

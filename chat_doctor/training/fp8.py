@@ -7,14 +7,20 @@ of e4m3 operands with one float32 scale per row (per token for activations and g
 output row for the weight), accumulating in fp32 and returning bf16; that is PyTorch's own
 maintained kernel (cuBLAS / CUTLASS), nothing hand-written here.
 
-The weight: each base Linear (bitsandbytes NF4, or plain) is dequantized once and kept as ONE fp8
-copy, W ~ s_w[n] * Q[n, k], 1 byte a parameter (7.0 GB for Mistral-7B's 7.0B base-layer
-parameters), and the NF4 weights (3.8 GB) are freed. The input-gradient product needs the other
-orientation of Q (fp8 tensor cores take both operands K-major), so the backward transposes Q on
-the fly (a read and a write of 1 byte a parameter, one compiled copy kernel per layer)
-instead of holding a second copy (+7 GB); `keep_transposed=True` holds it. The weight's row
-scales are folded into the gradient before it is quantized, grad_x = (grad_y * s_w) Q, so the
-one copy and its scales serve both products exactly.
+The weight, two ways (`train.fp8_weights`):
+- `fp8` (Fp8Linear): each base Linear (bitsandbytes NF4, or plain) is dequantized once and kept as
+  ONE fp8 copy, W ~ s_w[n] * Q[n, k], 1 byte a parameter (7.0 GB for Mistral-7B's 7.0B base-layer
+  parameters), and the NF4 weights (3.8 GB) are freed. The input-gradient product needs the other
+  orientation of Q (fp8 tensor cores take both operands K-major), so the backward transposes Q on
+  the fly (a read and a write of 1 byte a parameter, one compiled copy kernel per layer) instead of
+  holding a second copy (+7 GB); `keep_transposed=True` holds it. The weight's row scales are
+  folded into the gradient before it is quantized, grad_x = (grad_y * s_w) Q, so the one copy and
+  its scales serve both products exactly.
+- `4bit` (Fp8LinearOnTheFly): the 4-bit weights stay as they are and every product dequantizes its
+  weight (bitsandbytes' kernel, as the bf16 path does) and quantizes it to fp8 (one compiled pass,
+  in the orientation that product needs: per output row forward, per input column backward). No
+  memory beyond the 4-bit base; one more pass over each weight per product: the choice of a
+  memory-bound recipe (mistral-7b-lean), whose recomputed forward pass pays for fp8 twice.
 
 Quantizing activations and gradients is a memory-bound pass; on CUDA it is torch.compile'd into
 one kernel per call (read bf16 once, write fp8 and the scales). Elsewhere (CPU) the products are
@@ -114,6 +120,17 @@ def transpose_fp8(w: torch.Tensor) -> torch.Tensor:
     return w.view(torch.uint8).t().contiguous().view(w.dtype)
 
 
+def quantize_rowwise_transposed(t: torch.Tensor, dtype: torch.dtype = E4M3) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_rowwise of t^T, written row-major: (q_t, s) with t^T ~ s * q_t, one scale per column of t."""
+    q, scale = quantize_rowwise(t.t(), dtype=dtype)
+    return q.contiguous(), scale
+
+
+@functools.cache
+def _transposed_quantizer(on_cuda: bool):
+    return torch.compile(quantize_rowwise_transposed, dynamic=True) if on_cuda else quantize_rowwise_transposed
+
+
 @functools.cache
 def _transposer(on_cuda: bool):
     # Eager, PyTorch's copy kernel moves one byte per element at ~0.27 TB/s (0.43 ms for a 4096 x
@@ -166,6 +183,58 @@ class _Fp8Product(torch.autograd.Function):
         return grad_x.reshape(ctx.x_shape), None, None, None, None, None
 
 
+class _Fp8ProductOnTheFly(torch.autograd.Function):
+    """y = x W^T with W the frozen base layer's weight, quantized to fp8 for this product and again
+    (in the other orientation) for the input gradient; nothing of it is kept between the two, so a
+    checkpointed layer holds no fp8 weight while it waits for its backward pass."""
+
+    @staticmethod
+    def forward(ctx, x, layer, grad_dtype):
+        on_cuda = x.is_cuda
+        w_q, w_scale = _quantizer(on_cuda)(layer.dense_weight())
+        x2 = x.reshape(-1, x.shape[-1])
+        x_q, x_scale = _quantizer(on_cuda)(x2)
+        y = fp8_mm(x_q, x_scale, w_q.t(), w_scale.reshape(1, -1), x.dtype, FORWARD_FAST_ACCUM)
+        ctx.layer, ctx.grad_dtype, ctx.x_shape, ctx.x_dtype = layer, grad_dtype, x.shape, x.dtype
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        on_cuda = grad_y.is_cuda
+        # grad_x = grad_y W: W^T row-major in fp8, one scale per input column (the product's column scales).
+        w_t_q, w_t_scale = _transposed_quantizer(on_cuda)(ctx.layer.dense_weight())
+        g_q, g_scale = _quantizer(on_cuda)(grad_y.reshape(-1, grad_y.shape[-1]), None, ctx.grad_dtype)
+        grad_x = fp8_mm(g_q, g_scale, w_t_q.t(), w_t_scale.reshape(1, -1), ctx.x_dtype, BACKWARD_FAST_ACCUM)
+        return grad_x.reshape(ctx.x_shape), None, None
+
+
+class Fp8LinearOnTheFly(nn.Module):
+    """A frozen Linear (bitsandbytes 4-bit, or plain) kept as it is, whose products run in fp8 from
+    its weight dequantized and quantized to fp8 for each product (train.fp8_weights: 4bit)."""
+
+    def __init__(self, base: nn.Module, *, grad_dtype) -> None:
+        super().__init__()
+        shape = _shape(base)
+        if shape is None:
+            raise TypeError(f"not a Linear layer: {type(base).__name__}")
+        self.base = base  # its (4-bit) weight stays a frozen parameter of the model, as before
+        self.out_features, self.in_features = shape
+        self.grad_dtype = grad_dtype
+
+    def dense_weight(self) -> torch.Tensor:
+        weight = _dense_weight(self.base)
+        assert weight is not None
+        return weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _Fp8ProductOnTheFly.apply(x, self, self.grad_dtype)
+        bias = getattr(self.base, "bias", None)
+        return y if bias is None else y + bias.detach().to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 rowwise, on the fly"
+
+
 class Fp8Linear(nn.Module):
     """A frozen Linear whose products run in fp8: what a LoRA wrapper's `base_layer` becomes.
 
@@ -211,24 +280,45 @@ def _dense_weight(layer: nn.Module) -> torch.Tensor | None:
     return weight.detach() if type(layer) is nn.Linear else None
 
 
-def fp8_base_layers(model: nn.Module, *, keep_transposed: bool = False, grad_dtype: torch.dtype = E4M3) -> int:
-    """Swap every LoRA wrapper's frozen base layer for an Fp8Linear (weights dequantized once,
-    the 4-bit copies freed). Returns how many were swapped; layers whose sizes the fp8 product
-    cannot take (not multiples of 16) stay as they are."""
+def _shape(layer: nn.Module) -> tuple[int, int] | None:
+    """(out, in) features of a Linear, plain or bitsandbytes 4-bit (whose packed weight hides them)."""
+    out_f, in_f = getattr(layer, "out_features", None), getattr(layer, "in_features", None)
+    return (out_f, in_f) if isinstance(out_f, int) and isinstance(in_f, int) else None
+
+
+def fp8_base_layers(
+    model: nn.Module,
+    *,
+    weights: Literal["fp8", "4bit"] = "fp8",
+    keep_transposed: bool = False,
+    grad_dtype: torch.dtype = E4M3,
+) -> int:
+    """Swap every LoRA wrapper's frozen base layer for an fp8 one: weights "fp8", an Fp8Linear (weights
+    dequantized once into one fp8 copy, the 4-bit copies freed); "4bit", an Fp8LinearOnTheFly (the
+    4-bit weights kept, quantized to fp8 for each product). Returns how many were swapped; layers
+    whose sizes the fp8 product cannot take (not multiples of 16) stay as they are."""
     swapped, kept = 0, []
     # The wrappers only: each old base layer is dropped (and its memory freed) as it is replaced.
     wrappers = [(n, m) for n, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
     for name, module in wrappers:
         base = module.base_layer
-        weight = _dense_weight(base)
-        if weight is None or weight.shape[0] % 16 or weight.shape[1] % 16:
+        shape = _shape(base)
+        usable = getattr(base, "weight", None) is not None and (
+            getattr(base.weight, "quant_state", None) is not None or type(base) is nn.Linear
+        )
+        if not usable or shape is None or shape[0] % 16 or shape[1] % 16:
             kept.append(name)
             continue
-        module.base_layer = Fp8Linear(
-            weight, getattr(base, "bias", None), keep_transposed=keep_transposed, grad_dtype=grad_dtype
-        )
+        if weights == "4bit":
+            module.base_layer = Fp8LinearOnTheFly(base, grad_dtype=grad_dtype)
+        else:
+            weight = _dense_weight(base)
+            module.base_layer = Fp8Linear(
+                weight, getattr(base, "bias", None), keep_transposed=keep_transposed, grad_dtype=grad_dtype
+            )
+            del weight  # with `base`, the last references to the 4-bit weight
         swapped += 1
-        del weight, base  # the last references to the 4-bit weight
+        del base
     if kept:
         logger.warning("train.fp8: %d layers kept their own products (sizes or type): %s", len(kept), kept[:4])
     if torch.cuda.is_available():

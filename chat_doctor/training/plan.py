@@ -19,7 +19,7 @@ COMPLETE = ".complete"  # written into a checkpoint folder once everything in it
 
 # How the step is spread over GPUs and machines: the same training whatever they are, so a run can
 # resume on another number of GPUs (the effective batch is kept).
-LAUNCH_KEYS = {"gpus", "strategy", "nnodes", "node_rank", "rdzv_endpoint"}
+LAUNCH_KEYS = {"gpus", "strategy", "nnodes", "node_rank", "rdzv_endpoint", "join"}
 
 
 def run_folder_for(cfg: Config, train_split: Path) -> RunFolder:

@@ -28,6 +28,7 @@ from chat_doctor.models.loading import device, load_base_model, load_tokenizer, 
 from chat_doctor.training import fp8
 from chat_doctor.training.attention import register as register_varlen
 from chat_doctor.training.callbacks import profiler_callbacks
+from chat_doctor.training.compile_cache import use_project_cache
 
 logger = get_logger(__name__)
 
@@ -105,6 +106,10 @@ def training_args(cfg: Config, output_dir: Path):
         report_to="none",
         disable_tqdm=False,
         dataloader_num_workers=0,
+        # Batches in pinned host memory, copied to the GPU without the host waiting: a plain copy
+        # waits for all the GPU work queued before it (5 tensors a micro-batch, 20 waits a step).
+        dataloader_pin_memory=on_cuda,
+        accelerator_config={"non_blocking": on_cuda},
     )
 
 
@@ -184,11 +189,16 @@ def adapted_model(cfg: Config):
     # train.fp8 (issue 32): the frozen base's products in fp8; auto = where the GPU has fp8 tensor cores.
     # Not under FSDP, which shards the weights that fp8 replaces.
     if not sharded(cfg) and fp8.resolve_fp8(cfg.train.fp8, resolve_dtype(cfg.model.compute_dtype)):
-        logger.info("train.fp8: %d base layers compute in fp8", fp8.fp8_base_layers(model))
+        swapped = fp8.fp8_base_layers(model, weights=cfg.train.fp8_weights)
+        logger.info("train.fp8: %d base layers compute in fp8 (weights held as %s)", swapped, cfg.train.fp8_weights)
     # No KV cache in training: with one, transformers would not derive per-row attention from the
     # position ids of packed batches.
     model.config.use_cache = False
-    if cfg.train.compile:
+    if cfg.train.compile and sharded(cfg):
+        # FSDP wraps each layer and gathers its sharded weights around it: compiled layers under it
+        # are untried, so they run as they are (as train.fp8: auto resolves off there).
+        logger.info("train.compile: the layers are not compiled under strategy fsdp")
+    elif cfg.train.compile:
         # Not the first layer: its input (the frozen embeddings' output) needs no gradient and every
         # other layer's does, so dynamo would trace and compile the layer twice (~45 s more on an
         # H200) for 1/32 of the work.
@@ -208,6 +218,15 @@ class PackedTrainer(Trainer):
         loader, self.packed_sampler = packed_dataloader(self, self.train_config)
         return loader
 
+    def _track_num_input_tokens(self, inputs):
+        # A packed micro-batch is one row with no padding: its real tokens are its length, known on
+        # the host. The Trainer counts them on the GPU and reads the sum back, a wait per micro-batch.
+        ids = inputs.get("input_ids")
+        if ids is None or "attention_mask" in inputs or world_size() > 1:  # padded rows; or a sum over processes
+            return super()._track_num_input_tokens(inputs)
+        if self.args.include_num_input_tokens_seen != "no":
+            self.state.num_input_tokens_seen += ids.numel()
+
 
 class SamplerEpoch(TrainerCallback):
     """Tells the bin sampler the epoch before each one starts. The Trainer does too, except when a
@@ -225,6 +244,7 @@ def build_trainer(
     cfg: Config, train_path: str | Path, checkpoints: Path, extra_callbacks: Sequence[TrainerCallback] = ()
 ) -> Trainer:
     """The Trainer for `cfg` on the tokenized split at `train_path` (also what bench/ measures)."""
+    use_project_cache()  # before train.compile / train.fp8 compile anything
     tokenizer = load_tokenizer(cfg.model)
     common = {
         "model": adapted_model(cfg),
@@ -254,5 +274,11 @@ def packed_dataloader(trainer, train):
     dataset = trainer.train_dataset
     lengths = pc.list_value_length(dataset.data.column("input_ids")).to_pylist()
     sampler = PackedBatchSampler(lengths, train.pack_length, train.micro_batch_size, train.seed)
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=trainer.data_collator, num_workers=0)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=trainer.data_collator,
+        num_workers=0,
+        pin_memory=trainer.args.dataloader_pin_memory,  # with the Trainer's non-blocking copies (training_args)
+    )
     return trainer.accelerator.prepare(loader), sampler
