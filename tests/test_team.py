@@ -533,7 +533,7 @@ def _artifacts(team: Team, flow_run_id: str) -> dict[str, str]:
 @pytest.mark.full
 def test_a_sweep_fans_out_over_the_pool_compares_and_reuses_its_trials(team, tmp_path):
     grid = {"lora.r": [4, 8], "train.learning_rate": [1e-3, 4e-3]}
-    overrides = {"data.rows": 74, **QUICK}
+    overrides = {"data.rows": 74, **QUICK, "train.logging_steps": 1}  # a logging step: tokens/s and memory
     before = _finetune_runs(team)
     started = time.time()
     sweep_id, sweep_run = _sweep(team, grid, overrides)
@@ -585,7 +585,7 @@ def test_a_sweep_fans_out_over_the_pool_compares_and_reuses_its_trials(team, tmp
     assert len(client.search_model_versions(f"name = '{MODEL}'")) == count
     assert "reused" in _logs(team, again_id) and "4 trials: 4 finished, 0 failed" in _logs(team, again_id)
     # A trial with an impossible setting fails alone, and is listed with its reason.
-    bad_id, bad = _sweep(team, {"train.fp8": [False, True]}, {"data.rows": 74, **QUICK, "lora.r": 4})
+    bad_id, bad = _sweep(team, {"train.fp8": [False, True]}, {**overrides, "lora.r": 4})
     assert bad.state.is_completed()
     logs = _logs(team, bad_id)
     assert "2 trials: 1 finished, 1 failed" in logs, logs[-3000:]
