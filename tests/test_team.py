@@ -560,6 +560,7 @@ def test_a_sweep_fans_out_over_the_pool_compares_and_reuses_its_trials(team, tmp
     rows = json.loads(
         Path(client.download_artifacts(parent.info.run_id, "sweep/comparison.json", str(tmp_path))).read_text()
     )
+    print(Path(client.download_artifacts(parent.info.run_id, "sweep/comparison.md", str(tmp_path))).read_text())
     assert [r["status"] for r in rows] == ["completed"] * 4
     assert all(isinstance(r["tuned"], float) and r["wall_s"] > 0 and r["tokens_per_s"] > 0 for r in rows)
     artifacts = _artifacts(team, sweep_id)
