@@ -145,6 +145,8 @@ def test_binds_loopback_only_and_refuses_without_the_login(chat_server):
     assert denied.value.code == 401
 
 
+# Full tier: the browser test above loads a registered version and streams its answer through the UI.
+@pytest.mark.full
 def test_terminal_chat(shared):
     done = subprocess.run(
         [sys.executable, "-m", "app.chat", "--terminal", "--model", "v1"],

@@ -117,7 +117,9 @@ def dvc_status() -> dict:
         return repo.status()
 
 
+# Full tier: make test's team test pulls a registered version's data into a fresh clone from the bucket.
 @pytest.mark.slow
+@pytest.mark.full
 def test_another_clone_restores_the_data_of_a_run(project, tmp_path):
     """What a run recorded and pushed comes back, byte for byte, in another clone: the experiment
     from git (`dvc exp pull`), its data from the DVC remote."""

@@ -304,8 +304,7 @@ def _workers(team: Team, numbers=(1, 2), faults: dict[str, str] | None = None) -
     from team.stack import _stop, start_worker
 
     stack = _stack(team)
-    for number in (1, 2):
-        _stop(stack, f"worker-{number}")
+    _stop(stack, "worker-1", "worker-2")
     for number in numbers:
         start_worker(stack, team.secrets, number, faults)
 
@@ -432,7 +431,7 @@ def test_a_worker_killed_mid_training_is_retried_and_resumes_from_the_bucket(tea
 
 @pytest.mark.full
 def test_the_object_store_down_during_dvc_push_then_a_retry(team, tmp_path):
-    from team.stack import _stop, start_object_store
+    from team.stack import _stop, start_object_store, wait_for_object_store
 
     flow_run_id = team.run_deployment({"data.rows": 50, **QUICK})
     # Down from the data step on (which makes the data locally), so version-data's `dvc push` meets it.
@@ -447,6 +446,7 @@ def test_the_object_store_down_during_dvc_push_then_a_retry(team, tmp_path):
     )
     assert runs and not [v for r in runs for v in client.search_model_versions(f"run_id = '{r.info.run_id}'")]
     start_object_store(_stack(team), team.secrets)
+    wait_for_object_store(_stack(team), team.secrets)
     _finish(team, flow_run_id)
     _pull_in_a_fresh_clone(team, _one_complete_version(team, flow_run_id), tmp_path / "clone")
 
@@ -454,7 +454,7 @@ def test_the_object_store_down_during_dvc_push_then_a_retry(team, tmp_path):
 @pytest.mark.full
 def test_the_tracking_server_restarted_during_register(team):
     from chat_doctor.core import faults
-    from team.stack import _stop, start_mlflow
+    from team.stack import _stop, start_mlflow, wait_for_mlflow
 
     _workers(team, faults=faults.env(pause_in_register=20))
     flow_run_id = team.run_deployment({"data.rows": 56, **QUICK})
@@ -468,6 +468,7 @@ def test_the_tracking_server_restarted_during_register(team):
     _stop(_stack(team), "mlflow")
     time.sleep(5)
     start_mlflow(_stack(team), team.secrets)
+    wait_for_mlflow(_stack(team))
     _finish(team, flow_run_id)
     _one_complete_version(team, flow_run_id)
     _workers(team)
