@@ -199,6 +199,13 @@ def _audit_versions(team: Team, asked: dict[str, dict], runs: dict) -> dict[str,
     assert all("there was no champion" not in v.tags["promotion.reason"] for v in ordered[1:])
     promoted = [v for v in ordered if v.tags["promotion.decision"] == "promoted"]
     assert client.get_model_version_by_alias(MODEL, "champion").version == promoted[-1].version
+    for flow_run_id, version in sorted(versions.items(), key=lambda item: int(item[1].version)):
+        print(
+            f"  v{version.version}: {_worker_of(team, flow_run_id)}, {asked[flow_run_id]['data.rows']} rows, data "
+            f"{version.tags['dvc.data/processed'][:10]}, tuned loss {float(version.tags['eval.tuned.loss']):.4f}, "
+            f"{version.tags['promotion.decision']}"
+        )
+    print(f"  champion: v{promoted[-1].version}")
     return versions
 
 
@@ -257,11 +264,13 @@ def _no_secret_anywhere(team: Team) -> None:
 
 
 def test_two_runs_at_once_on_two_workers_register_on_the_team_servers(team, tmp_path):
+    started = time.time()
     asked = {}
     for rows in (24, 30):
         overrides = {"data.rows": rows, **QUICK}
         asked[team.run_deployment(overrides)] = overrides
     runs = _wait_all(team, list(asked))
+    print(f"two runs on two workers: {time.time() - started:.0f} s")
     assert all(r.state.is_completed() for r in runs.values()), {i: r.state for i, r in runs.items()}
     assert {_worker_of(team, i) for i in asked} == {"worker-1", "worker-2"}  # one run on each machine
     versions = _audit_versions(team, asked, runs)
@@ -365,10 +374,13 @@ def _one_complete_version(team: Team, flow_run_id: str):
 
 def _finish(team: Team, flow_run_id: str):
     """The run's end; a failed or crashed one retried once (`prefect flow-run retry`), as a user would."""
+    started = time.time()
     state = _wait_all(team, [flow_run_id])[flow_run_id].state
+    print(f"  the run ended {state.name}" + (f" ({state.message[:160]})" if not state.is_completed() else ""))
     if not state.is_completed():
         team.prefect("flow-run", "retry", flow_run_id)
         state = _wait_all(team, [flow_run_id])[flow_run_id].state
+        print(f"  `prefect flow-run retry`: {state.name} {time.time() - started:.0f} s later")
     assert state.is_completed(), state
     return state
 
@@ -416,12 +428,17 @@ def test_a_worker_killed_mid_training_is_retried_and_resumes_from_the_bucket(tea
         assert time.time() < deadline, "checkpoint-3 never reached the bucket"
         time.sleep(1)
     _kill_machine(team, "worker-1")
+    killed = time.time()
+    print("worker-1 killed (SIGKILL, with its flow run) once checkpoint-3 was in the bucket")
     # The zombie-runs automation marks it Crashed once its heartbeats stop; the other machine retries it.
     crashed = _wait_all(team, [flow_run_id], timeout=400)[flow_run_id].state
     assert crashed.is_crashed(), crashed
+    print(f"  Crashed {time.time() - killed:.0f} s later (no heartbeat: the zombie-runs automation)")
     _workers(team, numbers=(2,))
+    retried = time.time()
     team.prefect("flow-run", "retry", flow_run_id)
     assert _wait_all(team, [flow_run_id])[flow_run_id].state.is_completed()
+    print(f"  retried on worker-2: Completed {time.time() - retried:.0f} s later, resumed from checkpoint-3")
     logs = _logs(team, flow_run_id)
     assert "checkpoint-3" in logs and "downloaded from s3://chat-doctor/checkpoints/" in logs, logs[-3000:]
     version = _one_complete_version(team, flow_run_id)
@@ -437,6 +454,7 @@ def test_the_object_store_down_during_dvc_push_then_a_retry(team, tmp_path):
     # Down from the data step on (which makes the data locally), so version-data's `dvc push` meets it.
     _task_running(team, flow_run_id, "data")
     _stop(_stack(team), "s3")
+    print("object store stopped while the data step ran")
     state = _wait_all(team, [flow_run_id])[flow_run_id].state
     assert state.is_failed(), state
     assert _task_state(team, flow_run_id, "version-data").is_failed()  # its push met the store down
@@ -445,6 +463,7 @@ def test_the_object_store_down_during_dvc_push_then_a_retry(team, tmp_path):
         [e.experiment_id for e in client.search_experiments()], f"tags.`prefect.flow_run_id` = '{flow_run_id}'"
     )
     assert runs and not [v for r in runs for v in client.search_model_versions(f"run_id = '{r.info.run_id}'")]
+    print(f"  the run Failed at version-data (`dvc push`): {state.message[:160]}; nothing registered")
     start_object_store(_stack(team), team.secrets)
     wait_for_object_store(_stack(team), team.secrets)
     _finish(team, flow_run_id)
@@ -466,11 +485,12 @@ def test_the_tracking_server_restarted_during_register(team):
         assert time.time() < deadline, "register never created its version"
         time.sleep(0.5)
     _stop(_stack(team), "mlflow")
+    print("MLflow server stopped for 5 s while register held its version `incomplete`")
     time.sleep(5)
     start_mlflow(_stack(team), team.secrets)
     wait_for_mlflow(_stack(team))
     _finish(team, flow_run_id)
-    _one_complete_version(team, flow_run_id)
+    print(f"  v{_one_complete_version(team, flow_run_id).version}: registration complete, no incomplete version left")
     _workers(team)
 
 
@@ -486,6 +506,7 @@ def test_postgres_restarted_between_steps(team):
     command = [str(postgres_bin() / "pg_ctl"), "-D", str(data), "-l", str(log), "-m", "fast", "-w", "restart"]
     command = ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
     assert subprocess.run(command, capture_output=True).returncode == 0
+    print("PostgreSQL restarted (pg_ctl restart -m fast) while the train step ran")
     _finish(team, flow_run_id)
     _one_complete_version(team, flow_run_id)
 
@@ -510,6 +531,8 @@ def test_two_machines_train_one_run_through_the_pool(team):
     assert "node 1 of 2 meets node 0 at 127.0.0.1:" in node_log, node_log[-3000:]
     version = _one_complete_version(team, flow_run_id)
     assert team.mlflow().get_run(version.run_id).data.tags["train.processes"] == "2"
+    print(f"train.nnodes 2: node 0 on {_worker_of(team, flow_run_id)}, node 1 (a train-node flow run) on "
+          f"{_worker_of(team, str(node.id))}; v{version.version} trained by 2 processes")  # fmt: skip
 
 
 def _sweep(team: Team, grid: dict, overrides: dict) -> tuple[str, object]:
@@ -593,3 +616,38 @@ def test_a_sweep_fans_out_over_the_pool_compares_and_reuses_its_trials(team, tmp
     assert "2 trials: 1 finished, 1 failed" in logs, logs[-3000:]
     artifacts = _artifacts(team, bad_id)
     assert "train.fp8 = true" in artifacts["sweep-comparison"][1]
+
+
+@pytest.mark.full
+def test_cancelling_a_sweep_cancels_its_trials(team):
+    """Three long trials on two workers: two running, one waiting for a worker. Cancelling the sweep
+    (`prefect flow-run cancel`) cancels all three; none registers a version."""
+    grid = {"train.learning_rate": [1e-3, 2e-3, 3e-3]}
+    overrides = {"data.rows": 62, **QUICK, "train.max_steps": 400, "train.save_steps": 400}
+    done = team.prefect(
+        "deployment", "run", "sweep/default", "--param", f"grid={json.dumps(grid)}",
+        "--param", f"overrides={json.dumps(overrides)}",
+    )  # fmt: skip
+    sweep_id = flow_run_id_of(done.stdout)
+
+    def trials() -> dict[str, str]:
+        query = f"SELECT id::text, state_type FROM flow_run WHERE tags::text LIKE '%sweep:{sweep_id}%'"
+        return dict(team.sql("prefect", query))
+
+    deadline = time.time() + 600
+    while list(trials().values()).count("RUNNING") < 2:
+        assert time.time() < deadline, trials()
+        time.sleep(1)
+    for flow_run_id, state in trials().items():
+        if state == "RUNNING":
+            _task_running(team, flow_run_id, "train")  # training, not still starting
+    assert sorted(trials().values()) == ["RUNNING", "RUNNING", "SCHEDULED"], trials()
+    team.prefect("flow-run", "cancel", sweep_id)
+    runs = _wait_all(team, [sweep_id, *trials()], timeout=300)
+    assert all(r.state.is_cancelled() for r in runs.values()), {i: r.state for i, r in runs.items()}
+    client = team.mlflow()
+    for flow_run_id in trials():
+        for run in client.search_runs(
+            [e.experiment_id for e in client.search_experiments()], f"tags.`prefect.flow_run_id` = '{flow_run_id}'"
+        ):
+            assert not client.search_model_versions(f"run_id = '{run.info.run_id}'")

@@ -146,6 +146,8 @@ def cancel_trials(sweep_run_id: str) -> int:
         tagged = FlowRunFilter(tags=FlowRunFilterTags(all_=[SWEEP_TAG_PREFIX + sweep_run_id]))
         for run in client.read_flow_runs(flow_run_filter=tagged):
             if run.state and not run.state.is_final():
-                client.set_flow_run_state(run.id, Cancelling(message="the sweep was cancelled"), force=True)
+                # Not forced: Prefect's rules make a trial that no worker has started Cancelled at once,
+                # and a running one Cancelling (its worker stops it).
+                client.set_flow_run_state(run.id, Cancelling(message="the sweep was cancelled"))
                 cancelled += 1
     return cancelled
