@@ -45,9 +45,10 @@ _FAST = {
         "gradient_checkpointing": False,
         "upcast_layers": False,
         # The frozen base's products in fp8 where the GPU has fp8 tensor cores (sm 8.9+; bf16 elsewhere),
-        # and the decoder layers compiled, liger keeping only its fused lm_head + loss: together 1.43x
-        # the bf16 recipe, losses within 0.9%, 36.8 GiB, on an H100 (bench/notes-fp8.md). The compiled
-        # layers are cached in runs/compile-cache, so only the first run on a machine compiles them.
+        # and the decoder layers compiled, liger keeping only its fused lm_head + loss: together 1.48x
+        # the bf16 recipe and 1.33x the fair unsloth, losses within 0.5%, 36.8 GiB, on an H100
+        # (bench/RESULTS.md, 2026-12-06). The compiled layers are cached in runs/compile-cache: the first
+        # step takes ~43 s with the cache, ~67 s without; compiling pays past ~2.4M tokens.
         "fp8": "auto",
         "compile": True,
         "kernels": "liger-loss",
@@ -90,9 +91,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "optim": "paged_adamw_8bit",
                 "gradient_checkpointing": True,
                 "checkpoint_offload": True,
-                # train.fp8 stays off until measured on this recipe (bench/gpu_speed.py lean+fp8-4bit); if
-                # turned on, fp8 is made from the 4-bit weights for each product, which adds no memory (an
-                # fp8 copy would add 3.2 GiB). Compiling the checkpointed layers did not pay.
+                # fp8 made from the 4-bit weights for each product (no memory beyond them; an fp8 copy would
+                # add 3.2 GiB) gained 0.9% here on an H100 (bench/RESULTS.md, 2026-12-06): off. Compiling
+                # the checkpointed layers did not pay.
                 "fp8": False,
                 "fp8_weights": "4bit",
                 "compile": False,
