@@ -422,6 +422,36 @@ def start_control_worker(stack: Stack, keys: dict[str, str]) -> None:
     _start_worker(stack, keys, "control", CONTROL_POOL, [], None)
 
 
+def wait_for_workers(
+    stack: Stack, keys: dict[str, str], names: list[str], control: tuple[str, ...] = (), seconds: float = 180
+) -> None:
+    """Until every worker named has reported to the Prefect server: a run started right after `up`
+    must find the whole pool, not the one worker that happened to start first."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+    env = client_env(stack, keys, stack.home / "prefect-client")
+    settings = {PREFECT_API_URL: env["PREFECT_API_URL"], PREFECT_HOME: env["PREFECT_HOME"]}
+    wanted = {POOL: set(names), CONTROL_POOL: set(control)}
+    deadline = time.monotonic() + seconds
+    with temporary_settings(settings), get_client(sync_client=True) as client:
+        while True:
+            missing = [
+                name
+                for pool, expected in wanted.items()
+                if expected
+                for name in expected - {w.name for w in client.read_workers_for_work_pool(pool) if w.status == "ONLINE"}
+            ]
+            if not missing:
+                return
+            dead = [name for name in missing if not _running(stack, name)]
+            if dead or time.monotonic() > deadline:
+                name = (dead or missing)[0]
+                tail = stack.log(name).read_text(errors="replace")[-2000:] if stack.log(name).exists() else ""
+                raise SystemExit(f"worker {name} did not join its pool; the end of {stack.log(name)}:\n{tail}")
+            time.sleep(0.5)
+
+
 def up(project: Path, workers: int = 2) -> Stack:
     stack = stack_of(project)
     stack.home.mkdir(parents=True, exist_ok=True)
@@ -438,6 +468,7 @@ def up(project: Path, workers: int = 2) -> Stack:
     for number in range(1, workers + 1):
         start_worker(stack, keys, number)
     start_control_worker(stack, keys)
+    wait_for_workers(stack, keys, [f"worker-{n}" for n in range(1, workers + 1)], ("control",))
     variables = user_env(stack, keys)
     _write_private(stack.home / "env", "".join(f"export {name}={value}\n" for name, value in variables.items()))
     return stack

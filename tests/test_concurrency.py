@@ -82,47 +82,36 @@ def test_bad_deployment_parameters_fail_before_training(served):
 
 
 def test_runs_at_once_keep_their_own_data_lineage_and_champion(served, tmp_path):
+    """A deployment run and a command-line run with other data, at once in one project folder."""
     root, env = served
     rows = (root / "data/raw/synthetic_healthcaremagic.jsonl").read_text().splitlines()
     own = tmp_path / "own_rows.jsonl"  # another source, as a user's file outside the project
     own.write_text("\n".join(rows[200:240]) + "\n")
     asked = {
-        "deployment-1": {"data.source": str(own), "data.rows": 30, **SHORT},
-        "deployment-2": {"data.source": str(own), "data.rows": 30, **SHORT},  # the same as the first
+        "deployment": {"data.source": str(own), "data.rows": 30, **SHORT},
         # Held-out rows: evaluate's log once showed a bytecode listing here (a print of dill's).
         "command-line": {"data.rows": 24, "data.seed": 7, "evaluate.source": str(own), **SHORT},
     }
     workspace = {name: Path(name).read_text() for name in ("params.yaml", "dvc.lock")}
-    first = run_deployment(env, asked["deployment-1"], watch=False)
-    second = run_deployment(env, asked["deployment-2"], watch=False)
-    ids = {"deployment-1": flow_run_id_of(first.stdout), "deployment-2": flow_run_id_of(second.stdout)}
-    # A command-line run beside them, as `python -m flows.finetune KEY=VALUE ...`.
+    deployment_run = flow_run_id_of(run_deployment(env, asked["deployment"], watch=False).stdout)
+    # A command-line run beside it, as `python -m flows.finetune KEY=VALUE ...`.
     command = [sys.executable, "-m", "flows.finetune", *(f"{k}={v}" for k, v in asked["command-line"].items())]
     cli = subprocess.Popen(
         command, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    # While the first deployment run is running, the second waits for the deployment's one slot.
-    waited = set()
-    while not flow_run_state(ids["deployment-1"]).is_final():
-        state = flow_run_state(ids["deployment-2"])
-        waited.add(state.name)
-        assert not state.is_running(), "the second deployment run started while the first ran"
-        time.sleep(0.5)
     output = cli.communicate(timeout=900)[0]
     assert cli.returncode == 0, output[-3000:]
-    for flow_run_id in ids.values():
-        assert wait_until_final(flow_run_id).is_completed()
-    assert "AwaitingConcurrencySlot" in waited, waited
-    first_end, second_start = flow_run_times(ids["deployment-1"])[1], flow_run_times(ids["deployment-2"])[0]
-    assert second_start >= first_end  # it waited until the first had finished
-
+    assert wait_until_final(deployment_run).is_completed()
+    # They ran at once: each started before the other ended.
     client = mlflow.MlflowClient(tracking_uri())
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "attributes.status = 'FINISHED'")
-    assert len(runs) == 3 and {r.data.tags["prefect.flow_run_id"] for r in runs} >= set(ids.values())
+    assert len(runs) == 2
+    (first, second) = sorted(runs, key=lambda r: r.info.start_time)
+    assert second.info.start_time < first.info.end_time
+
     registered = {}
     for run in runs:
-        flow_run_id = run.data.tags["prefect.flow_run_id"]
-        name = next((n for n, i in ids.items() if i == flow_run_id), "command-line")
+        name = "deployment" if run.data.tags["prefect.flow_run_id"] == deployment_run else "command-line"
         (version,) = client.search_model_versions(f"run_id = '{run.info.run_id}'")
         registered[name] = version
         overrides = asked[name]
@@ -141,28 +130,52 @@ def test_runs_at_once_keep_their_own_data_lineage_and_champion(served, tmp_path)
         assert json.loads((tokenized / "report.json").read_text())["splits"]["train"]["rows"] > 0
     hashes = {name: v.tags["dvc.data/processed"] for name, v in registered.items()}
     losses = {name: v.tags["eval.base.loss"] for name, v in registered.items()}
-    assert hashes["deployment-1"] != hashes["command-line"] and losses["deployment-1"] != losses["command-line"]
-    # The same settings shared the work: the same data (DVC's run cache), the same run folder, whose
-    # adapter and merged model the second found finished; only the experiments are their own.
-    assert hashes["deployment-2"] == hashes["deployment-1"]
-    experiments = {name: v.tags["dvc.experiment"] for name, v in registered.items()}
-    assert len(set(experiments.values())) == 3
-    second_logs = flow_run_logs(ids["deployment-2"])
-    assert "training finished in" in second_logs and "its adapter is reused" in second_logs
-    assert "already: reused" in second_logs  # the merged model
-    assert "Stage 'sample' is cached - skipping run" in second_logs
+    assert hashes["deployment"] != hashes["command-line"] and losses["deployment"] != losses["command-line"]
+    assert len({v.tags["dvc.experiment"] for v in registered.values()}) == 2
     # Promotion in registration order, each against everything registered before it.
     by_version = sorted(registered.values(), key=lambda v: int(v.version))
-    assert [int(v.version) for v in by_version] == [1, 2, 3]
+    assert [int(v.version) for v in by_version] == [1, 2]
     assert "there was no champion" in by_version[0].tags["promotion.reason"]
-    assert all("there was no champion" not in v.tags["promotion.reason"] for v in by_version[1:])
+    assert "there was no champion" not in by_version[1].tags["promotion.reason"]
     promoted = [v for v in by_version if v.tags["promotion.decision"] == "promoted"]
     champion = client.get_model_version_by_alias("chat-doctor-adapter", "champion")
     assert champion.version == promoted[-1].version
-    cli_run = next(v for n, v in registered.items() if n == "command-line")
-    logged = flow_run_logs(client.get_run(cli_run.run_id).data.tags["prefect.flow_run_id"])
+    logged = flow_run_logs(client.get_run(registered["command-line"].run_id).data.tags["prefect.flow_run_id"])
     assert "MLflow run" in logged and "LOAD_GLOBAL" not in logged and " RESUME " not in logged
     # The workspace is the user's.
     assert {name: Path(name).read_text() for name in workspace} == workspace
     git = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
     assert git.stdout == ""
+
+
+# Full tier: Prefect's global concurrency limit at work (make test: the limit is set by the served
+# deployment above, and same settings share their data through DVC's run cache in the shared run).
+@pytest.mark.full
+def test_a_second_deployment_run_waits_for_the_slot_then_shares_the_first_ones_work(served):
+    _, env = served
+    same = {"data.rows": 28, "data.seed": 11, **SHORT}
+    ids = [flow_run_id_of(run_deployment(env, same, watch=False).stdout) for _ in range(2)]
+    waited = set()
+    while not flow_run_state(ids[0]).is_final():
+        state = flow_run_state(ids[1])
+        waited.add(state.name)
+        assert not state.is_running(), "the second deployment run started while the first ran"
+        time.sleep(0.5)
+    assert all(wait_until_final(i).is_completed() for i in ids)
+    assert "AwaitingConcurrencySlot" in waited, waited
+    assert flow_run_times(ids[1])[0] >= flow_run_times(ids[0])[1]  # it waited until the first had finished
+    client = mlflow.MlflowClient(tracking_uri())
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    versions = []
+    for flow_run_id in ids:
+        (run,) = client.search_runs(experiments, f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+        (version,) = client.search_model_versions(f"run_id = '{run.info.run_id}'")
+        versions.append(version)
+    # The same settings shared the work: the same data (DVC's run cache), the same run folder, whose
+    # adapter and merged model the second found finished; only the experiments are their own.
+    assert versions[0].tags["dvc.data/processed"] == versions[1].tags["dvc.data/processed"]
+    assert versions[0].tags["dvc.experiment"] != versions[1].tags["dvc.experiment"]
+    second_logs = flow_run_logs(ids[1])
+    assert "training finished in" in second_logs and "its adapter is reused" in second_logs
+    assert "already: reused" in second_logs  # the merged model
+    assert "Stage 'sample' is cached - skipping run" in second_logs

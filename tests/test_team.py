@@ -279,21 +279,6 @@ def test_two_runs_at_once_on_two_workers_register_on_the_team_servers(team, tmp_
     # Each worker's clone pushed its data experiment to the repository.
     refs = subprocess.run(["git", "for-each-ref", "refs/exps/"], cwd=team.root, capture_output=True, text=True)
     assert all(v.tags["dvc.experiment"] in refs.stdout for v in versions.values())
-    # The champion, from the registry on the server, as the chat UI loads it.
-    done = subprocess.run(
-        [BIN / "chat-doctor-models", "list"], cwd=tmp_path / "clone", env=team.env, capture_output=True, text=True
-    )
-    assert done.returncode == 0 and "champion" in done.stdout, done.stdout + done.stderr
-    # Its adapter comes down from the bucket through the tracking server.
-    done = subprocess.run(
-        [BIN / "chat-doctor-models", "download", "champion", "--to", str(tmp_path / "champion")],
-        cwd=tmp_path / "clone",
-        env=team.env,
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert list((tmp_path / "champion").rglob("adapter_model.safetensors")), done.stdout
     _no_secret_anywhere(team)
 
 
@@ -310,12 +295,13 @@ def _stack(team: Team):
 
 def _workers(team: Team, numbers=(1, 2), faults: dict[str, str] | None = None) -> None:
     """Stop every worker, then start `numbers` (with `faults` armed in their flow runs)."""
-    from team.stack import _stop, start_worker
+    from team.stack import _stop, start_worker, wait_for_workers
 
     stack = _stack(team)
     _stop(stack, "worker-1", "worker-2")
     for number in numbers:
         start_worker(stack, team.secrets, number, faults)
+    wait_for_workers(stack, team.secrets, [f"worker-{n}" for n in numbers])
 
 
 def _kill_machine(team: Team, name: str) -> None:
@@ -401,6 +387,19 @@ def test_four_runs_at_once_on_a_pool_of_two(team, tmp_path):
         _pull_in_a_fresh_clone(team, version, tmp_path / f"clone-{n}")
     # The champion from the server: as the chat UI loads it (models:/chat-doctor-adapter@champion), and as GGUF.
     clone = tmp_path / "clone-0"
+    # The registry on the server, as `chat-doctor-models` lists it.
+    done = subprocess.run([BIN / "chat-doctor-models", "list"], cwd=clone, env=team.env, capture_output=True, text=True)
+    assert done.returncode == 0 and "champion" in done.stdout, done.stdout + done.stderr
+    # Its adapter comes down from the bucket through the tracking server.
+    done = subprocess.run(
+        [BIN / "chat-doctor-models", "download", "champion", "--to", str(tmp_path / "champion")],
+        cwd=clone,
+        env=team.env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert list((tmp_path / "champion").rglob("adapter_model.safetensors")), done.stdout
     chat = (
         "from pathlib import Path; from chat_doctor.config import load_config; "
         "from chat_doctor.serving.chat_model import load_chat_model, stream_answer; "
