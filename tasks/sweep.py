@@ -20,6 +20,7 @@ from prefect.artifacts import create_image_artifact, create_markdown_artifact, c
 from chat_doctor.config import Config, load_config
 from chat_doctor.core.layout import PARAMS_FILE
 from chat_doctor.core.logs import get_logger
+from chat_doctor.orchestration.prefect_api import wait_for_flow_runs
 from chat_doctor.orchestration.steps import step
 from chat_doctor.orchestration.sweeps import (
     TRIAL_KEY_TAG,
@@ -28,7 +29,6 @@ from chat_doctor.orchestration.sweeps import (
     check_trial_deployment,
     plan_sweep,
     start_trial,
-    wait_for,
 )
 from chat_doctor.tracking.mlflow_runs import end_run, git_commit, log_artifact, run_of_flow_run, tracking_uri
 from chat_doctor.tracking.registry import aliased_version
@@ -73,7 +73,7 @@ def run_start_trial(cfg: Config, trial: Trial, parent: str, sweep_run_id: str, d
 
 def run_wait(cfg: Config, plan: Plan, started: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every trial's row of the comparison, once all have ended."""
-    runs = wait_for([s["flow_run_id"] for s in started if "flow_run_id" in s])
+    runs = wait_for_flow_runs([s["flow_run_id"] for s in started if "flow_run_id" in s])
     rows = []
     for trial, start in zip(plan.trials, started, strict=True):
         row: dict[str, Any] = {"trial": trial.number, "point": trial.point}
@@ -83,7 +83,7 @@ def run_wait(cfg: Config, plan: Plan, started: list[dict[str, Any]]) -> list[dic
             )
         else:
             state = runs[start["flow_run_id"]].state
-            assert state is not None  # final, see wait_for
+            assert state is not None  # final, see wait_for_flow_runs
             row.update(status=state.name.lower(), flow_run=start["flow_run_id"])
             if not state.is_completed():
                 row["reason"] = state.message or state.name

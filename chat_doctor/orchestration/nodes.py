@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 from typing import Any, cast
 from urllib.parse import urlparse
-from uuid import UUID
 
 from chat_doctor.core.logs import get_logger
-from chat_doctor.orchestration.prefect_api import deployment_exists
+from chat_doctor.orchestration.prefect_api import cancel_flow_runs, deployment_exists, wait_for_flow_runs
 
 logger = get_logger(__name__)
 
@@ -90,21 +88,13 @@ def start_nodes(nnodes: int, parameters: dict[str, Any]) -> list[str]:
 
 def finish_nodes(ids: list[str], wait_s: float) -> list[str]:
     """Wait up to `wait_s` for the node runs to end, cancel those that did not; what went wrong, per node."""
-    from prefect.client.orchestration import get_client
-    from prefect.states import Cancelling
-
+    runs = wait_for_flow_runs(ids, timeout_s=wait_s, poll_s=1)
+    cancelled = {str(r.id) for r in cancel_flow_runs(list(runs.values()), "node 0's training ended")}
     problems = []
-    deadline = time.time() + wait_s
-    with get_client(sync_client=True) as client:
-        for rank, flow_run_id in enumerate(ids, start=1):
-            run = client.read_flow_run(UUID(flow_run_id))
-            while not (run.state and run.state.is_final()) and time.time() < deadline:
-                time.sleep(1)
-                run = client.read_flow_run(UUID(flow_run_id))
-            state = run.state
-            if state is None or not state.is_final():
-                client.set_flow_run_state(UUID(flow_run_id), Cancelling(message="node 0's training ended"), force=True)
-                problems.append(f"node {rank} ({run.name}): cancelled, not started when node 0 ended")
-            elif not state.is_completed():
-                problems.append(f"node {rank} ({run.name}): {state.name}: {state.message or ''}".rstrip(": "))
+    for rank, flow_run_id in enumerate(ids, start=1):
+        run = runs[flow_run_id]
+        if flow_run_id in cancelled:
+            problems.append(f"node {rank} ({run.name}): cancelled, not started when node 0 ended")
+        elif not run.state.is_completed():
+            problems.append(f"node {rank} ({run.name}): {run.state.name}: {run.state.message or ''}".rstrip(": "))
     return problems

@@ -59,3 +59,33 @@ def deployment_exists(name: str) -> bool:
         except ObjectNotFound:
             return False
     return True
+
+
+def wait_for_flow_runs(flow_run_ids: list[str], timeout_s: float | None = None, poll_s: float = 5) -> dict:
+    """{id: flow run} once every one is final, or as they are when `timeout_s` has passed."""
+    import time
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = {i: client.read_flow_run(UUID(i)) for i in flow_run_ids}
+            done = all(r.state and r.state.is_final() for r in runs.values())
+            if done or (deadline is not None and time.monotonic() >= deadline):
+                return runs
+            time.sleep(poll_s)
+
+
+def cancel_flow_runs(runs: list, message: str) -> list:
+    """Cancel those of `runs` that have not ended; the ones cancelled. Not forced: Prefect's rules make
+    a run that no worker has started Cancelled at once, and a running one Cancelling (its worker stops it)."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
+
+    cancelled = [r for r in runs if not (r.state and r.state.is_final())]
+    with get_client(sync_client=True) as client:
+        for run in cancelled:
+            client.set_flow_run_state(run.id, Cancelling(message=message))
+    return cancelled

@@ -12,16 +12,14 @@ import hashlib
 import itertools
 import json
 import random
-import time
 from typing import Any, cast
-from uuid import UUID
 
 from pydantic import BaseModel
 
 from chat_doctor.config import Config, ConfigError, is_config_key, load_config
 from chat_doctor.core.layout import PARAMS_FILE
 from chat_doctor.core.logs import get_logger
-from chat_doctor.orchestration.prefect_api import deployment_exists
+from chat_doctor.orchestration.prefect_api import cancel_flow_runs, deployment_exists
 from chat_doctor.tracking.lineage import data_overrides
 
 logger = get_logger(__name__)
@@ -123,31 +121,12 @@ def start_trial(deployment: str, parameters: dict[str, Any], sweep_run_id: str) 
     return str(run.id)
 
 
-def wait_for(flow_run_ids: list[str], poll_s: float = 5) -> dict[str, Any]:
-    """{id: flow run} once every one is final."""
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        while True:
-            runs = {i: client.read_flow_run(UUID(i)) for i in flow_run_ids}
-            if all(r.state and r.state.is_final() for r in runs.values()):
-                return runs
-            time.sleep(poll_s)
-
-
 def cancel_trials(sweep_run_id: str) -> int:
     """Cancel the trials of a sweep that have not ended; how many."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
-    from prefect.states import Cancelling
 
-    cancelled = 0
     with get_client(sync_client=True) as client:
         tagged = FlowRunFilter(tags=FlowRunFilterTags(all_=[SWEEP_TAG_PREFIX + sweep_run_id]))
-        for run in client.read_flow_runs(flow_run_filter=tagged):
-            if run.state and not run.state.is_final():
-                # Not forced: Prefect's rules make a trial that no worker has started Cancelled at once,
-                # and a running one Cancelling (its worker stops it).
-                client.set_flow_run_state(run.id, Cancelling(message="the sweep was cancelled"))
-                cancelled += 1
-    return cancelled
+        trials = client.read_flow_runs(flow_run_filter=tagged)
+    return len(cancel_flow_runs(trials, "the sweep was cancelled"))
