@@ -81,12 +81,19 @@ def test_mistral_7b_preset_is_the_fast_recipe():
     assert (t.packing, t.attention, t.kernels, t.upcast_layers, t.gradient_checkpointing) == (
         True,
         "varlen",
-        "liger-loss",
+        "auto",
         False,
         False,
     )
     # fp8 products where the GPU has them (bf16 elsewhere), one fp8 copy of the base; compiled layers.
     assert (t.fp8, t.fp8_weights, t.compile) == ("auto", "fp8", True)
+    # kernels: auto = liger's fused loss beside the compiled layers, all of liger's kernels without
+    # them (liger's layer kernels do not compile), none on a CPU.
+    assert t.kernels_in_use(cuda=True) == "liger-loss"
+    uncompiled = build_config({"preset": "mistral-7b", "train": {"compile": False}}).train
+    assert uncompiled.kernels_in_use(cuda=True) == "liger"
+    assert t.kernels_in_use(cuda=False) == "none"
+    assert build_config({"train": {"kernels": "liger"}}).train.kernels_in_use(cuda=False) == "liger"
     assert (t.pack_length, t.micro_batch_size, t.grad_accum, t.gpus, t.strategy) == (1536, 4, 4, "auto", "ddp")
     assert (cfg.data.rows, cfg.data.eval_fraction, cfg.data.source) == (
         5000,
@@ -168,7 +175,7 @@ def test_overrides_parse_as_yaml_and_win():
         ({"train.kernels": "apex"}, "`train.kernels` = 'apex'"),
         (
             {"train.kernels": "liger", "train.compile": True},
-            "train.compile needs train.kernels: none or liger-loss (torch.compile rejects liger's layer kernels)",
+            "train.compile needs train.kernels: none, liger-loss or auto (torch.compile rejects liger's layer kernels)",
         ),
         # Values the schema once let through for a library to refuse later, naming no key.
         ({"data.seed": -1}, "`data.seed` = -1: Input should be greater than or equal to 0"),

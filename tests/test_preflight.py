@@ -23,6 +23,15 @@ def test_a_t4_class_gpu_is_told_every_key_the_preset_needs_changed(monkeypatch):
     assert lines[0] == "on this Tesla T4:"
     assert re.search(r"train.attention = varlen needs flash attention .* 7.5\): set train.attention: sdpa", lines[1])
     assert "model.compute_dtype = bfloat16: this GPU has no bf16" in lines[2]
-    assert "train.kernels = liger-loss needs the liger-kernel package: `make venv EXTRAS=dev,gpu`" in lines[3]
+    needs = "train.kernels = auto (liger-loss here) needs the liger-kernel package: `make venv EXTRAS=dev,gpu`"
+    assert needs in lines[3]
     fixed = {"base": "tiny"}, {"attention": "sdpa", "kernels": "none"}
     check_device(build_config({"preset": "mistral-7b", "model": fixed[0], "train": fixed[1]}))  # runs
+
+
+def test_kernels_auto_needs_no_gpu(monkeypatch):
+    # auto is liger's kernels on a GPU and none on a CPU, where an explicit liger is refused.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    check_device(build_config({"train": {"kernels": "auto"}}))
+    with pytest.raises(ConfigError, match=r"train\.kernels = liger needs a CUDA GPU"):
+        check_device(build_config({"train": {"kernels": "liger"}}))

@@ -48,10 +48,12 @@ _FAST = {
         # and the decoder layers compiled, liger keeping only its fused lm_head + loss: together 1.48x
         # the bf16 recipe and 1.33x the fair unsloth, losses within 0.5%, 36.8 GiB, on an H100
         # (bench/RESULTS.md, 2026-12-06). The compiled layers are cached in runs/compile-cache: the first
-        # step takes ~43 s with the cache, ~67 s without; compiling pays past ~2.4M tokens.
+        # step takes ~43 s with the cache, 67-96 s without; compiling pays past ~2.4M tokens.
         "fp8": "auto",
         "compile": True,
-        "kernels": "liger-loss",
+        # liger-loss while compiled; liger's layer kernels too with train.compile=false (faster and
+        # 8 GiB smaller than liger-loss uncompiled).
+        "kernels": "auto",
         "attention": "varlen",
         "packing": True,
         "logging_steps": 5,

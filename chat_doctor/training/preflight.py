@@ -39,7 +39,7 @@ def check_device(cfg: Config) -> None:
 
     t = cfg.train
     if not torch.cuda.is_available():
-        if t.kernels != "none":
+        if t.kernels_in_use(cuda=False) != "none":
             raise ConfigError(f"train.kernels = {t.kernels} needs a CUDA GPU; on a CPU set train.kernels: none")
         if t.attention == VARLEN:
             raise ConfigError("train.attention = varlen needs a CUDA GPU; on a CPU set train.attention: sdpa")
@@ -55,12 +55,14 @@ def check_device(cfg: Config) -> None:
         )
     if cfg.model.compute_dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
         problems.append("model.compute_dtype = bfloat16: this GPU has no bf16; set model.compute_dtype: auto (fp16)")
-    if t.kernels != "none":
+    kernels = t.kernels_in_use(cuda=True)
+    if kernels != "none":
         try:
             import liger_kernel  # noqa: F401
         except ImportError:
+            named = f"auto ({kernels} here)" if t.kernels == "auto" else kernels
             problems.append(
-                f"train.kernels = {t.kernels} needs the liger-kernel package: `make venv EXTRAS=dev,gpu`, or set "
+                f"train.kernels = {named} needs the liger-kernel package: `make venv EXTRAS=dev,gpu`, or set "
                 "train.kernels: none"
             )
     if problems:

@@ -60,6 +60,7 @@ def training_args(cfg: Config, output_dir: Path):
     dtype = resolve_dtype(cfg.model.compute_dtype)
     on_cuda = device() == "cuda"
     sharded_run = sharded(cfg)
+    kernels = t.kernels_in_use(cuda=on_cuda)
     return TrainingArguments(
         output_dir=str(output_dir),
         max_steps=max_steps,
@@ -78,9 +79,9 @@ def training_args(cfg: Config, output_dir: Path):
             # transformers' offload where ours (HostCopiedCheckpoints) does not apply.
             "offload": t.checkpoint_offload and not side_stream_offload(cfg),
         },
-        use_liger_kernel=t.kernels != "none",
+        use_liger_kernel=kernels != "none",
         # liger-loss: only the fused lm_head + loss, outside the (compilable) decoder layers.
-        liger_kernel_config=LIGER_LOSS_ONLY if t.kernels == "liger-loss" else None,
+        liger_kernel_config=LIGER_LOSS_ONLY if kernels == "liger-loss" else None,
         logging_steps=t.logging_steps,
         save_strategy="steps",
         save_steps=t.save_steps,
