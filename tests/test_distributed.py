@@ -60,12 +60,12 @@ def test_two_processes_train_one_adapter_at_the_same_effective_batch(project, ca
 
 
 def test_gpu_only_settings_are_refused_on_a_cpu(project):
-    cfg = build_config({"preset": "mistral-7b", "model": {"base": "tiny"}})
+    cfg = build_config({"preset": "mistral-7b", "model": {"base": "tiny"}, "train": {"kernels": "liger-loss"}})
     with pytest.raises(
         ConfigError, match=re.escape("train.kernels = liger-loss needs a CUDA GPU; on a CPU set train.kernels: none")
     ):
         run_train(cfg, TOKENIZED)
-    cfg = build_config({"preset": "mistral-7b", "model": {"base": "tiny"}, "train": {"kernels": "none"}})
+    cfg = build_config({"preset": "mistral-7b", "model": {"base": "tiny"}})  # kernels: auto is none on a CPU
     with pytest.raises(ConfigError, match=re.escape("train.attention = varlen needs a CUDA GPU")):
         run_train(cfg, TOKENIZED)
     assert not Path("runs").exists()  # refused before any run folder was made
