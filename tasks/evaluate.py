@@ -78,20 +78,20 @@ def _champion(cfg: Config, base, tokenizer, sets: dict, key: str, champion: dict
     with tempfile.TemporaryDirectory() as tmp:
         adapter = download_adapter(cfg.registry.model_name, champion["version"], Path(tmp))
         merged = load_adapter(base, adapter).merge_and_unload()
-    return score_model(merged, tokenizer, sets, cfg), "scored again on these rows"
+    return score_model(merged, tokenizer, sets, cfg, "champion"), "scored again on these rows"
 
 
 def _score_full(cfg: Config, tokenizer, sets: dict, key: str, merged: Merged, champion: dict | None):
     """Base, tuned (the merged model) and champion in full precision: what an export would serve."""
     scores = {}
     base = load_base_model(cfg.model, quantized=False, dtype_name=cfg.merge.dtype)
-    scores["base"] = score_model(base, tokenizer, sets, cfg)
+    scores["base"] = score_model(base, tokenizer, sets, cfg, "base")
     champion_scores, champion_figures = None, None
     if champion:
         champion_scores, champion_figures = _champion(cfg, base, tokenizer, sets, key, champion)  # reuses the base
     del base
     tuned = load_merged(merged.run.merged, cfg.merge.dtype)
-    scores["tuned"] = score_model(tuned, tokenizer, sets, cfg)
+    scores["tuned"] = score_model(tuned, tokenizer, sets, cfg, "tuned")
     return scores, champion_scores, champion_figures
 
 
@@ -100,15 +100,15 @@ def _score_4bit(cfg: Config, tokenizer, sets: dict, key: str, merged: Merged, ch
     model = load_adapter(load_base_model(cfg.model, quantized=True), merged.run.adapter)
     model.eval()
     with model.disable_adapter():
-        scores = {"base": score_model(model, tokenizer, sets, cfg)}
-    scores["tuned"] = score_model(model, tokenizer, sets, cfg)
+        scores = {"base": score_model(model, tokenizer, sets, cfg, "base")}
+    scores["tuned"] = score_model(model, tokenizer, sets, cfg, "tuned")
     if not champion:
         return scores, None, None
     if (comparable := _comparable(cfg, key, champion)) is not None:
         return scores, None, comparable
     with tempfile.TemporaryDirectory() as tmp:
         load_adapter(model, download_adapter(cfg.registry.model_name, champion["version"], Path(tmp)), "champion")
-    return scores, score_model(model, tokenizer, sets, cfg), "scored again on these rows"
+    return scores, score_model(model, tokenizer, sets, cfg, "champion"), "scored again on these rows"
 
 
 def run_evaluate(

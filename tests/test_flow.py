@@ -3,6 +3,7 @@ with the project's own DVC repo and MLflow store: values, files and registry ent
 reads the session's shared run (tests/conftest.py: two flow runs in one project)."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -274,9 +275,10 @@ def test_an_eval_source_of_real_rows_rescores_the_champion_on_them(shared, tmp_p
     assert "eval/tuned_loss" in run_metrics  # the eval split is still reported
 
 
-def test_4bit_evaluation_scores_base_tuned_and_champion_on_one_quantized_base(shared, tmp_path, monkeypatch):
+def test_4bit_evaluation_scores_base_tuned_and_champion_on_one_quantized_base(shared, tmp_path, monkeypatch, caplog):
     """`evaluate.load_in_4bit` (the lean preset): base, tuned and the champion are the 4-bit base
-    with no adapter, this run's adapter and the champion's adapter from the registry."""
+    with no adapter, this run's adapter and the champion's adapter from the registry. The log says
+    where each model's evaluation time went."""
     from chat_doctor.tracking.registry import champion_record
     from tasks.evaluate import run_evaluate
 
@@ -285,8 +287,17 @@ def test_4bit_evaluation_scores_base_tuned_and_champion_on_one_quantized_base(sh
     champion = champion_record(cfg.registry.model_name, cfg.registry.champion_alias)
     merged = shared_merged(shared)  # v1's run: its adapter is the champion's
     processed, tokenized = Processed.at(shared.processed), Tokenized.at(shared.tokenized)
-    paths = run_evaluate(cfg, tokenized, processed, merged, None, champion, tmp_path / "eval")
+    with caplog.at_level("INFO", logger="chat_doctor.evaluation.scoring"):
+        paths = run_evaluate(cfg, tokenized, processed, merged, None, champion, tmp_path / "eval")
     report = json.loads(paths.report.read_text())
+    rows = report["sets"]["eval_split"]["rows"]
+    timings = re.compile(
+        rf"(base|tuned|champion) on eval_split: loss over {rows} rows in [0-9.]+ s; 2 answers "
+        r"\((\d+) new tokens, ([0-2]) stopped\) in [0-9.]+ s; scored in [0-9.]+ s"
+    )
+    found = [m for r in caplog.records if (m := timings.fullmatch(r.getMessage()))]
+    assert [m[1] for m in found] == ["base", "tuned", "champion"], caplog.text
+    assert all(int(m[2]) <= 2 * 8 for m in found)  # at most max_new_tokens for each of the 2 answers
     # The champion's registered figures came from full-precision models: another eval key.
     assert report["champion"] == {"version": 1, "figures": "scored again on these rows"}
     models = report["sets"]["eval_split"]["models"]

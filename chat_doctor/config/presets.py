@@ -25,7 +25,8 @@ _MISTRAL_7B = {
     "model": {"base": "mistralai/Mistral-7B-v0.1"},
     "data": {"source": "lavita/ChatDoctor-HealthCareMagic-100k", "rows": 5000},
     "tokenize": {"max_length": 512},
-    # 128 answers a batch on the merged bf16 model: 500 answers in 40.7 s on an H200 at worst (bench/RESULTS.md).
+    # 128 answers a batch on the merged bf16 model: 500 answers of 125 new tokens in 32 s on an H100; 256
+    # were no faster and 512 ran out of memory on its 80 GB (bench/RESULTS.md, 2026-12-06).
     "evaluate": {"batch_size": 128, "rows": 500},
 }
 _FAST = {

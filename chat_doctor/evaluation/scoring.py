@@ -3,6 +3,8 @@ figures of the metrics registry; batches halve on out-of-memory."""
 
 from __future__ import annotations
 
+import time
+
 from chat_doctor.config import Config
 from chat_doctor.core import faults
 from chat_doctor.core.logs import get_logger
@@ -83,18 +85,29 @@ def with_smaller_batches(work, batch_size: int, what: str):
             logger.warning("%s: out of memory, retrying with evaluate.batch_size %d", what, batch_size)
 
 
-def score_model(model, tokenizer, sets: dict, cfg: Config) -> dict:
-    """{set: {"figures", "answers"}} for one model."""
+def score_model(model, tokenizer, sets: dict, cfg: Config, label: str = "model") -> dict:
+    """{set: {"figures", "answers"}} for one model (`label` names it in the log)."""
     size = cfg.evaluate.batch_size
     out: dict[str, dict] = {}
     for name, eval_set in sets.items():
+        marks = [time.perf_counter()]
         loss = with_smaller_batches(lambda b, s=eval_set: eval_loss(model, tokenizer, s["dataset"], b), size, "loss")
+        marks.append(time.perf_counter())
         rows = eval_set["rows"][: cfg.evaluate.rows]
         prompts = [build_prompt(cfg.tokenize.template, row["input"]) for row in rows]
         answers = with_smaller_batches(
             lambda b, p=prompts: generate_answers(model, tokenizer, p, cfg, b), size, "generation"
         )
+        marks.append(time.perf_counter())
         means, per_row = answer_figures(answers, [row["output"] for row in rows])
+        marks.append(time.perf_counter())
+        # Where evaluation's time goes: generation dominates, and grows with answers that never stop.
+        logger.info(
+            "%s on %s: loss over %d rows in %.1f s; %d answers (%d new tokens, %d stopped) in %.1f s; scored in %.1f s",
+            label, name, len(eval_set["dataset"]), marks[1] - marks[0], len(answers),
+            sum(a["new_tokens"] for a in answers), sum(a["stopped"] for a in answers), marks[2] - marks[1],
+            marks[3] - marks[2],
+        )  # fmt: skip
         scored = [{**a, **scores} for a, scores in zip(answers, per_row, strict=True)]
         out[name] = {"figures": {**loss_figures(loss), **means}, "answers": scored}
     return out
