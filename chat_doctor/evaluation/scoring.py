@@ -90,23 +90,22 @@ def score_model(model, tokenizer, sets: dict, cfg: Config, label: str = "model")
     size = cfg.evaluate.batch_size
     out: dict[str, dict] = {}
     for name, eval_set in sets.items():
-        marks = [time.perf_counter()]
+        started = time.perf_counter()
         loss = with_smaller_batches(lambda b, s=eval_set: eval_loss(model, tokenizer, s["dataset"], b), size, "loss")
-        marks.append(time.perf_counter())
+        loss_done = time.perf_counter()
         rows = eval_set["rows"][: cfg.evaluate.rows]
         prompts = [build_prompt(cfg.tokenize.template, row["input"]) for row in rows]
         answers = with_smaller_batches(
             lambda b, p=prompts: generate_answers(model, tokenizer, p, cfg, b), size, "generation"
         )
-        marks.append(time.perf_counter())
+        answers_done = time.perf_counter()
         means, per_row = answer_figures(answers, [row["output"] for row in rows])
-        marks.append(time.perf_counter())
         # Where evaluation's time goes: generation dominates, and grows with answers that never stop.
+        new_tokens, stopped = sum(a["new_tokens"] for a in answers), sum(a["stopped"] for a in answers)
         logger.info(
             "%s on %s: loss over %d rows in %.1f s; %d answers (%d new tokens, %d stopped) in %.1f s; scored in %.1f s",
-            label, name, len(eval_set["dataset"]), marks[1] - marks[0], len(answers),
-            sum(a["new_tokens"] for a in answers), sum(a["stopped"] for a in answers), marks[2] - marks[1],
-            marks[3] - marks[2],
+            label, name, len(eval_set["dataset"]), loss_done - started, len(answers), new_tokens, stopped,
+            answers_done - loss_done, time.perf_counter() - answers_done,
         )  # fmt: skip
         scored = [{**a, **scores} for a, scores in zip(answers, per_row, strict=True)]
         out[name] = {"figures": {**loss_figures(loss), **means}, "answers": scored}
